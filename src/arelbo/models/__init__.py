@@ -1,0 +1,17 @@
+"""VAE models (pure PyTorch): conv and MLP Gaussian encoders/decoders sized from the data shape, and the linear VAE."""
+
+from arelbo.models.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, conv_sizes
+from arelbo.models.vae import ARCHITECTURES, VAE, LinearVAE, VAEOutput, build_model
+
+__all__ = [
+    "VAE",
+    "VAEOutput",
+    "LinearVAE",
+    "ConvEncoder",
+    "ConvDecoder",
+    "MLPEncoder",
+    "MLPDecoder",
+    "ARCHITECTURES",
+    "build_model",
+    "conv_sizes",
+]
