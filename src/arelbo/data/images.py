@@ -87,6 +87,18 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "arelbo"
 
 
+def writable_dir(d: Path) -> bool:
+    """Whether we may create files in `d` (or in its nearest existing ancestor, where it would be made).
+
+    Besides os.access, the permission bits must grant write to someone: a data folder marked read-only
+    (mode r-x) stays untouched even by root, which os.access alone would allow.
+    """
+    p = d
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK) and bool(p.stat().st_mode & 0o222)
+
+
 def cache_key(folder: Path, relpaths: list[str], crop, size, channels: int) -> str:
     """Hash of what determines the decoded array: file names + byte sizes, crop, size, channels."""
     files = [(r, (folder / r).stat().st_size) for r in relpaths]
@@ -116,11 +128,16 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
     arr = decode_images(folder, relpaths, crop, size, channels, workers)
     for d in dirs:
         tmp = None
+        if not writable_dir(d):
+            continue
         try:
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
                 tmp = Path(f.name)
                 np.save(f, arr)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # NamedTemporaryFile makes 0600; the cache may be shared
             os.replace(tmp, d / fname)
             return arr, {"cache": str(d / fname), "cache_hit": False}
         except OSError:
