@@ -99,19 +99,27 @@ def neg_elbo_per_sample(sq_err: Tensor, sigma2: Tensor, rate: Tensor) -> Tensor:
 
 
 def _as_elementwise(sigma2: Tensor, sq_err: Tensor) -> Tensor:
-    """Shape a policy's sigma2 so it broadcasts against (B, D): () stays, (D,) stays, (B,) becomes (B, 1)."""
-    if sigma2.dim() == 1 and sigma2.shape[0] == sq_err.shape[0] and sigma2.shape[0] != sq_err.shape[1]:
+    """Shape a policy's sigma2 so it broadcasts against (B, D): () stays, (D,) stays, (B,) becomes (B, 1).
+
+    A 1-D sigma2 of length D is always per-element (policies return (B, 1) for per-sample), so a batch whose
+    size happens to equal D is not ambiguous.
+    """
+    if sigma2.dim() == 1 and sigma2.shape[0] != sq_err.shape[1] and sigma2.shape[0] == sq_err.shape[0]:
         return sigma2[:, None]
-    if sigma2.dim() == 1 and sigma2.shape[0] == sq_err.shape[0] == sq_err.shape[1]:
-        raise ValueError("ambiguous sigma2 shape: batch size equals D; policies must return (B, 1) for per-sample")
     return sigma2
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """At least float32 (half/bfloat16 inputs are computed in float32); float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _global_sums(*tensors: Tensor, group=None) -> list[Tensor]:
     """All-reduce (sum) detached statistics across ranks when running under torch.distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return list(tensors)
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     out, start = [], 0
     for t in tensors:
@@ -186,9 +194,10 @@ class Fixed(DecoderVariance):
         if not (isinstance(sigma2, (int, float)) and math.isfinite(sigma2) and sigma2 > 0):
             raise ValueError(f"fixed sigma2 must be a positive finite number, got {sigma2!r}")
         self.register_buffer("value", torch.tensor(float(sigma2)), persistent=False)
+        self.sigma2_value = float(sigma2)  # exact: the float32 buffer would round it for float64 losses
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
-        return self.value.to(sq_err.dtype)
+        return torch.full((), self.sigma2_value, dtype=sq_err.dtype, device=sq_err.device)
 
     def extra_repr(self) -> str:
         return f"sigma2={self.value.item():g}"
@@ -347,7 +356,7 @@ class GaussianVAELoss(nn.Module):
             raise ValueError(f"x must be batched (B, ...), got shape {tuple(x.shape)}")
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
-        diff = x.flatten(1).float() - x_hat.flatten(1).float()
+        diff = _upcast(x.flatten(1)) - _upcast(x_hat.flatten(1))
         return self.from_sq_err(diff * diff, mu, logvar)
 
     def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor) -> LossOutput:
@@ -361,7 +370,7 @@ class GaussianVAELoss(nn.Module):
             )
         if self.check_finite and not bool(torch.isfinite(mu).all() & torch.isfinite(logvar).all()):
             raise ValueError("encoder output (mu or logvar) contains NaN or inf")
-        kl = gaussian_kl(mu.float(), logvar.float())
+        kl = gaussian_kl(_upcast(mu), _upcast(logvar))
         rate = kl.sum(1)
         sigma2 = self.policy.sigma2(sq_err)
         loss = self.policy.loss(sq_err, rate, sigma2)
