@@ -1,17 +1,176 @@
 """Typed configuration: dataclasses validated on construction, YAML presets, and ``key=value`` overrides.
 
-Only the model and objective sections live here so far; the pipeline adds its own sections beside them.
+A run is described by one :class:`RunConfig` with four sections (``data``, ``model``, ``objective``, ``train``)
+plus where the run goes (``out_dir``, ``name``). It is resolved in layers, each checked against the schema::
+
+    defaults  <-  preset (YAML shipped in arelbo/presets/)  <-  --config FILE (YAML)  <-  --set a.b=value ...
+
+Unknown keys at any level are errors that list the valid keys; values of the wrong type are errors that name the
+key ("train.epochs must be int, got 'ten'"). ``RunConfig.to_dict`` / ``from_dict`` round-trip exactly, and every
+run writes its resolved config as ``config.yaml`` in its run directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from arelbo.objectives import POLICIES
 
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "TrainConfig",
+    "RunConfig",
+    "load_config",
+    "list_presets",
+    "preset_text",
+    "parse_override",
+    "apply_overrides",
+    "read_yaml",
+    "dump_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key and what is valid."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Type checking of dataclass fields (from their annotations)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(arg)}"
+    if origin is dict or tp is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Return ``value`` as type ``tp`` or raise ConfigError. Ints are accepted for floats (and numeric strings,
+    since YAML 1.1 reads ``1e-3`` as a string); bools are never numbers."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        # exact type matches first (so int stays int in int | float), then coercions
+        for arg in args:
+            if arg is not type(None) and typing.get_origin(arg) is None and type(value) is arg:
+                return value
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be int, got {value!r}")
+    if tp is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be str, got {value!r}")
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a schema bug, not a user error
+
+
+class _Section:
+    """Mixin for config sections: fields are type-checked (and coerced) on construction, then ``validate()``."""
+
+    _section: typing.ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self._section}.{f.name}"))
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def _choice(self, name: str, choices) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ConfigError(f"{self._section}.{name} {value!r} unknown; valid: {', '.join(map(str, choices))}")
+
+    def _positive(self, *names: str, allow_zero: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise ConfigError(f"{self._section}.{name} must be {bound}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+
 
 @dataclass
-class ModelConfig:
+class DataConfig(_Section):
+    _section = "data"
+
+    name: str = "mnist"  # a name in arelbo.data.DATASETS
+    root: Optional[str] = None  # data folder (None: the dataset's default, e.g. MNIST's bundled copy)
+    options: dict = field(default_factory=dict)  # dataset options, e.g. {crop: 140, size: 64} for celeba
+    batch_size: int = 128  # GLOBAL training batch: split evenly across train.devices
+    eval_batch_size: int = 1000  # validation batch per process (does not change any result)
+    shuffle: bool = True  # training order: a permutation that depends only on (train.seed, epoch)
+    drop_last: bool = True  # drop the last incomplete training batch of each epoch
+
+    def validate(self) -> None:
+        self._positive("batch_size", "eval_batch_size")
+
+
+@dataclass
+class ModelConfig(_Section):
+    _section = "model"
+
     arch: str = "conv"  # "conv" | "mlp" | "linear" (arelbo.models.ARCHITECTURES)
     latent_dim: int = 16
     hidden: list[int] = field(default_factory=lambda: [32, 64, 128])  # conv channel widths or MLP layer widths
@@ -22,21 +181,23 @@ class ModelConfig:
     out_activation: str = "sigmoid"  # decoder mean's squashing: sigmoid for images in [0, 1], none for real data
     bias: bool = False  # linear VAE only: affine encoder/decoder
 
-    def __post_init__(self):
+    def validate(self) -> None:
         from arelbo.models import ARCHITECTURES
 
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"model.arch {self.arch!r} unknown; known: {', '.join(ARCHITECTURES)}")
+            raise ConfigError(f"model.arch {self.arch!r} unknown; known: {', '.join(ARCHITECTURES)}")
         if self.latent_dim < 1:
-            raise ValueError(f"model.latent_dim must be >= 1, got {self.latent_dim}")
+            raise ConfigError(f"model.latent_dim must be >= 1, got {self.latent_dim}")
         if self.arch != "linear" and (not self.hidden or min(self.hidden) < 1):
-            raise ValueError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
+            raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
         if self.kernel_size < 1 or self.stride < 1:
-            raise ValueError("model.kernel_size and model.stride must be >= 1")
+            raise ConfigError("model.kernel_size and model.stride must be >= 1")
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(_Section):
+    _section = "objective"
+
     policy: str = "ar"  # a name in arelbo.objectives.POLICIES
     sigma2: float = 1.0  # "fixed" only
     beta: float = 1.0  # "beta" only
@@ -44,11 +205,12 @@ class ObjectiveConfig:
     momentum: float = 0.99  # "ar-ema" only
     sigma2_floor: float = 1e-6
 
-    def __post_init__(self):
+    def validate(self) -> None:
         if self.policy not in POLICIES:
-            raise ValueError(f"objective.policy {self.policy!r} unknown; known: {', '.join(sorted(POLICIES))}")
-        if not self.sigma2_floor > 0:
-            raise ValueError(f"objective.sigma2_floor must be > 0, got {self.sigma2_floor}")
+            raise ConfigError(f"objective.policy {self.policy!r} unknown; known: {', '.join(sorted(POLICIES))}")
+        self._positive("sigma2", "beta", "init_sigma2", "sigma2_floor")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"objective.momentum must be in [0, 1), got {self.momentum}")
 
     def policy_kwargs(self) -> dict:
         """The arguments this config's policy takes (the others are ignored by design, so one config serves all)."""
@@ -61,3 +223,264 @@ class ObjectiveConfig:
         from arelbo.objectives import GaussianVAELoss
 
         return GaussianVAELoss(self.policy, sigma2_floor=self.sigma2_floor, check_finite=check_finite, **self.policy_kwargs())
+
+
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("none", "cosine")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")
+ACCELERATORS = ("auto", "cpu", "gpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn")
+
+
+@dataclass
+class TrainConfig(_Section):
+    _section = "train"
+
+    epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimiser steps (None: run all epochs)
+    lr: float = 1e-3
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0  # model weights only (never the objective's parameters)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "none"  # none (constant) | cosine (to 0 at the last step); both after warmup_steps
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps
+    grad_clip: Optional[float] = None  # clip the gradient norm (None: off)
+    seed: int = 0  # model init, noise and data order
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
+    devices: int = 1  # processes (CPU) or GPUs; > 1 is data-parallel (DDP, gloo on CPU, nccl on GPU)
+    accelerator: str = "auto"  # auto | cpu | gpu
+    strategy: str = "auto"  # auto (ddp_spawn when devices > 1) | ddp (script launch, e.g. torchrun) | ddp_spawn
+    sync_batchnorm: bool = False  # devices > 1 on GPUs: batch-norm statistics over the global batch
+    num_workers: int = 0  # DataLoader workers (the data are in memory: 0 is usually fastest)
+    log_every_n_steps: int = 50  # training-step records in metrics.jsonl and TensorBoard
+    checkpoint_every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always at the end)
+    save_best: bool = True  # keep checkpoints/best.pt, the lowest validation -ELBO
+    limit_train_batches: Optional[Union[int, float]] = None  # int: batches per epoch; float: fraction
+    limit_val_batches: Optional[Union[int, float]] = None
+    n_samples: int = 64  # prior samples written to samples.png at the end (0: none)
+
+    def validate(self) -> None:
+        self._choice("optimizer", OPTIMIZERS)
+        self._choice("schedule", SCHEDULES)
+        self._choice("precision", PRECISIONS)
+        self._choice("accelerator", ACCELERATORS)
+        self._choice("strategy", STRATEGIES)
+        self._positive("epochs", "lr", "devices", "log_every_n_steps", "checkpoint_every_n_epochs")
+        self._positive("weight_decay", "warmup_steps", "num_workers", "n_samples", allow_zero=True)
+        self._positive("max_steps", "grad_clip")
+        self._positive("limit_train_batches", "limit_val_batches", allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("limit_train_batches", "limit_val_batches"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value > 1.0:
+                raise ConfigError(f"train.{name} as a fraction must be <= 1.0, got {value} (use an int for batches)")
+        if self.limit_train_batches == 0:
+            raise ConfigError("train.limit_train_batches must be > 0")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs"  # run directory = out_dir/name (unless given explicitly, e.g. --out)
+    name: Optional[str] = None  # None: <preset or dataset>-<policy>-<timestamp>, filled in when the run starts
+
+    def __post_init__(self):
+        for key, cls in SECTIONS.items():
+            if not isinstance(getattr(self, key), cls):
+                raise ConfigError(f"{key} must be a {cls.__name__} section")
+        self.out_dir = _coerce(self.out_dir, str, "out_dir")
+        self.name = _coerce(self.name, Optional[str], "name")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON-able, weights_only-safe); ``from_dict(to_dict(c)) == c``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        """Strict: every key must be in the schema (the error lists the valid ones), every value of its type."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+        check_keys(d, source)
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in SECTIONS:
+                kwargs[key] = SECTIONS[key](**(value or {}))
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    def save(self, path) -> None:
+        from arelbo.runs import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def load(cls, path) -> "RunConfig":
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+
+TOP_LEVEL = [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def _valid_keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def check_keys(d: dict, source: str = "config") -> None:
+    """Raise ConfigError on any key not in the schema (top level and inside every section)."""
+    for key, value in d.items():
+        if key not in TOP_LEVEL:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid top-level keys: {', '.join(TOP_LEVEL)}")
+        if key in SECTIONS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} must be a mapping of settings, got {value!r}")
+            valid = _valid_keys(key)
+            for sub in value:
+                if sub not in valid:
+                    raise ConfigError(f"{source}: unknown key {key}.{sub}; valid keys in {key}: {', '.join(valid)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML, presets, overrides
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(data).__name__}")
+    return data
+
+
+def dump_yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=120)
+
+
+def _preset_dir():
+    from importlib.resources import files
+
+    return files("arelbo") / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_text(name: str) -> str:
+    resource = _preset_dir() / f"{name}.yaml"
+    if not resource.is_file():
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+    return resource.read_text(encoding="utf-8")
+
+
+def _load_preset(name: str) -> dict:
+    import yaml
+
+    data = yaml.safe_load(preset_text(name)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {name!r} is not a mapping")
+    return data
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    """Recursive merge: mappings merge key by key (sections and data.options), everything else is replaced."""
+    out = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4). The value is read as YAML (``[1, 2]``, ``null``, ``true``)."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.epochs=5)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from err
+    return path, value
+
+
+def apply_overrides(d: dict, overrides) -> dict:
+    """Apply ``section.key=value`` strings to a config dict; unknown keys are errors listing the valid ones."""
+    d = _merge({}, d)
+    for text in overrides or ():
+        path, value = parse_override(text)
+        top = path[0]
+        if top not in TOP_LEVEL:
+            raise ConfigError(f"--set {text}: unknown key {top!r}; valid top-level keys: {', '.join(TOP_LEVEL)}")
+        if top not in SECTIONS:
+            if len(path) != 1:
+                raise ConfigError(f"--set {text}: {top} is a value, not a section")
+            d[top] = value
+            continue
+        if len(path) == 1:
+            raise ConfigError(f"--set {text}: {top} is a section; set one of its keys: {', '.join(_valid_keys(top))}")
+        key = path[1]
+        if key not in _valid_keys(top):
+            raise ConfigError(f"--set {text}: unknown key {top}.{key}; valid keys in {top}: {', '.join(_valid_keys(top))}")
+        section = d.setdefault(top, {}) or {}
+        d[top] = section
+        if len(path) == 2:
+            section[key] = value
+            continue
+        # deeper: only free-form mappings (data.options) have sub-keys
+        is_mapping = typing.get_type_hints(SECTIONS[top])[key] is dict
+        target = section.get(key, {} if is_mapping else None)
+        if not is_mapping or not isinstance(target, dict):
+            raise ConfigError(f"--set {text}: {top}.{key} is not a mapping")
+        target = dict(target)
+        section[key] = target
+        for part in path[2:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(path[:-1])} is not a mapping")
+        target[path[-1]] = value
+    return d
+
+
+def load_config(preset: str | None = None, file=None, overrides=()) -> RunConfig:
+    """Resolve a run config: defaults <- preset <- YAML file <- ``--set`` overrides (each layer schema-checked)."""
+    d: dict = {}
+    if preset is not None:
+        layer = _load_preset(preset)
+        check_keys(layer, f"preset {preset!r}")
+        d = _merge(d, layer)
+    if file is not None:
+        layer = read_yaml(file)
+        check_keys(layer, f"config file {file}")
+        d = _merge(d, layer)
+    d = apply_overrides(d, overrides)
+    return RunConfig.from_dict(d)

@@ -1,0 +1,181 @@
+"""``arelbo demo``: AR-ELBO against the classic sigma^2 = 1 on MNIST, in a few minutes on a laptop CPU.
+
+Trains the ``mnist-conv`` model twice on the same data, seed and step budget, once with the ``ar`` policy and once
+with fixed sigma^2 = 1, then writes into the output folder:
+
+    ar/, fixed-sigma2-1/   the two run directories (config.yaml, metrics.jsonl, checkpoints/, samples.png)
+    samples.png            prior samples of both models side by side, labelled
+    summary.md             per policy: MSE, KL, active units, final sigma^2, -ELBO (nats, bits/dim)
+
+With sigma^2 = 1 on images in [0, 1] the KL term dominates and almost every latent unit is switched off
+(posterior collapse); AR-ELBO's sigma^2 follows the reconstruction error down and keeps the units active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+PRESET = "mnist-conv"
+# The demo's training budget (both runs share it): 4 x 300 steps of batch 64 at Adam lr 3e-3. Measured on the
+# shared 2-core box: AR-ELBO is at MSE ~0.011 with all 16 units strongly active (Cov_x(mu_j) > 1) after 600 steps
+# whatever the lr; with sigma^2 = 1 the units the data do not support decay only slowly towards the 0.01
+# threshold (after 600 steps at lr 1e-3 they are still at 0.02-0.1, so both runs would count 16 "active"
+# units), and lr 3e-3 makes them decay about three times faster, so the step budget shows the collapse.
+DEMO_BATCH = 64
+DEMO_STEPS_PER_EPOCH = 300
+DEMO_EPOCHS = 4
+DEMO_LR = 3e-3
+RUNS = (
+    ("ar", "AR-ELBO (ar)", ["objective.policy=ar"]),
+    ("fixed-sigma2-1", "fixed sigma^2 = 1", ["objective.policy=fixed", "objective.sigma2=1.0"]),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
+                        help=f"demo epochs of {DEMO_STEPS_PER_EPOCH} steps each (default: {DEMO_EPOCHS})")
+    parser.add_argument("--steps-per-epoch", type=int, default=DEMO_STEPS_PER_EPOCH,
+                        help=f"training steps per epoch, validation after each (default: {DEMO_STEPS_PER_EPOCH}; "
+                        "0: full epochs)")
+    parser.add_argument("--batch-size", type=int, default=DEMO_BATCH, help=f"batch size (default: {DEMO_BATCH})")
+    parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"Adam learning rate (default: {DEMO_LR:g})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
+    parser.add_argument("--data-root", default=None, help="MNIST IDX files (default: the bundled offline copy)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="extra config overrides applied to both runs (e.g. train.devices=2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def demo_configs(epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch_size=DEMO_BATCH, seed=0,
+                 data_root=None, overrides=(), lr=DEMO_LR):
+    """The two RunConfigs of the demo: (folder name, label, config) for ar and for fixed sigma^2 = 1."""
+    from arelbo.config import load_config
+
+    common = [
+        f"train.epochs={epochs}",
+        f"data.batch_size={batch_size}",
+        f"train.lr={lr!r}",
+        f"train.seed={seed}",
+        "train.log_every_n_steps=25",
+        *([f"train.limit_train_batches={steps_per_epoch}"] if steps_per_epoch else []),
+        *([f"data.root={data_root}"] if data_root else []),
+    ]
+    return [(folder, label, load_config(PRESET, overrides=[*common, *extra, *overrides])) for folder, label, extra in RUNS]
+
+
+def _final_val(run_dir: Path) -> dict:
+    from arelbo.runs import read_jsonl
+
+    val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"]
+    if not val:
+        raise RuntimeError(f"{run_dir} has no validation record")
+    return val[-1]
+
+
+def summary_markdown(rows, command: str, wall_s: float) -> str:
+    from arelbo.runs import read_config
+
+    m = read_config(rows[0]["run_dir"]).model
+    q, net = m.latent_dim, f"{m.arch} {'-'.join(map(str, m.hidden))}, norm {m.norm}"
+    lines = [
+        "# arelbo demo: AR-ELBO vs fixed sigma^2 = 1 on MNIST",
+        "",
+        f"Model `{PRESET}` ({net}, {q} latent units); both runs share data order, seed, steps",
+        "and optimiser settings.",
+        "Metrics on the 5000-image validation split after the last epoch; -ELBO uses the policy's sigma^2",
+        "(for `ar`: sigma^2 estimated on the validation set, i.e. its MSE). -ELBO and bits/dim are those of the",
+        "continuous density of pixels scaled to [0, 1], so they go negative once sigma^2 is small (lower is better).",
+        "",
+        "| policy | MSE | KL (nats) | active units | final sigma^2 | -ELBO (nats) | bits/dim | steps | train time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        v = r["val"]
+        lines.append(
+            f"| {r['label']} | {v['mse']:.4f} | {v['kl']:.2f} | {v['active_units']} / {len(v['kl_per_dim'])} | "
+            f"{v['sigma2']:.4g} | {v['neg_elbo']:.1f} | {v['bits_per_dim']:.4f} | {v['step']} | {r['seconds']:.0f} s |"
+        )
+    lines += ["", f"Cov_x(mu_j) of the {q} latent units, largest first (active: > 0.01):", ""]
+    for r in rows:
+        cov = sorted(r["val"]["var_mu"], reverse=True)
+        lines.append(f"- {r['label']}: " + ", ".join(f"{c:.2g}" for c in cov))
+    ar, fixed = rows[0]["val"], rows[1]["val"]
+    verdict = "more" if ar["active_units"] > fixed["active_units"] else "NOT more"
+    lines += [
+        "",
+        f"AR-ELBO keeps {ar['active_units']} latent units active against {fixed['active_units']} with sigma^2 = 1 "
+        f"({verdict} active units), with sigma^2 = {ar['sigma2']:.4g} found by the model instead of fixed at 1.",
+        "",
+        "Active unit: Cov_x(E_q[z_j]) > 0.01 over the validation set. Samples: `samples.png` (left: ar, right: "
+        "sigma^2 = 1); the run folders hold each model's config, metrics.jsonl and checkpoints.",
+        "",
+        f"Command: `{command}` (total wall time {wall_s:.0f} s).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(out="runs/demo", epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch_size=DEMO_BATCH,
+             seed=0, data_root=None, overrides=(), overwrite=False, progress=True, command="arelbo demo", splits=None,
+             lr=DEMO_LR):
+    """Train both models, write samples.png and summary.md into ``out``; returns the summary rows."""
+    import shutil
+
+    from arelbo.data import load_dataset
+    from arelbo.imagegrid import stack_labelled
+    from arelbo.runs import atomic_write_text
+    from arelbo.sample_cli import sample_grid
+    from arelbo.train import fit
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    configs = demo_configs(epochs, steps_per_epoch, batch_size, seed, data_root, overrides, lr)
+    owned = [out / folder for folder, _, _ in configs] + [out / "samples.png", out / "summary.md"]
+    if any(p.exists() for p in owned):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a demo; pass --overwrite to replace it or choose another --out")
+        for p in owned:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if splits is None:
+        splits = load_dataset("mnist", data_root)
+    rows = []
+    for folder, label, cfg in configs:
+        print(f"== training {label} -> {out / folder}", flush=True)
+        t0 = time.perf_counter()
+        run_dir = fit(cfg, out / folder, splits=splits, progress=progress)
+        rows.append({"folder": folder, "label": label, "run_dir": run_dir, "seconds": time.perf_counter() - t0,
+                     "val": _final_val(run_dir)})
+    grids = [sample_grid(r["run_dir"], n=64, seed=seed, nrow=8, checkpoint="last") for r in rows]
+    labels = [f"{r['label']}: sigma^2={r['val']['sigma2']:.3g}, AU {r['val']['active_units']}" for r in rows]
+    from arelbo.imagegrid import save_png
+
+    save_png(stack_labelled(grids, labels, horizontal=True, scale=2), out / "samples.png")
+    wall = time.perf_counter() - t_start
+    text = summary_markdown(rows, command, wall)
+    atomic_write_text(out / "summary.md", text)
+    print()
+    print(text)
+    print(f"wrote {out / 'summary.md'} and {out / 'samples.png'}")
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from arelbo.config import ConfigError
+
+    if args.epochs < 1 or args.steps_per_epoch < 0 or args.batch_size < 1 or not args.lr > 0:
+        raise ConfigError("--epochs and --batch-size must be >= 1, --steps-per-epoch >= 0, --lr > 0")
+    command = "arelbo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "arelbo demo"
+    try:
+        run_demo(args.out, args.epochs, args.steps_per_epoch, args.batch_size, args.seed, args.data_root,
+                 args.overrides, args.overwrite, progress=not args.quiet, command=command, lr=args.lr)
+    except FileExistsError as err:
+        raise ConfigError(str(err)) from None
+    return 0

@@ -1,0 +1,701 @@
+"""Training: a Lightning module around (VAE, GaussianVAELoss), built from a :class:`arelbo.config.RunConfig`.
+
+This is the only module of the package that imports a training framework. What it adds to the pure-PyTorch core:
+
+* **Logging.** Every ``train.log_every_n_steps`` steps: loss, mse (distortion / D), distortion (per-sample sum of
+  squared errors), rate (KL), sigma2, -ELBO and lr. Every epoch on the validation set: -ELBO in nats and bits/dim,
+  mse, KL and KL per latent dimension, active units (Cov_x(mu_j) > 0.01) and the sigma2 the -ELBO used. ``ar``,
+  ``ar-ema`` and ``ar-diagonal`` use sigma2 estimated on the whole validation set (the rule applied to summed
+  squared errors); the other policies use their own sigma2. Records go to ``metrics.jsonl`` (one JSON object
+  per line with ``split``, ``step``, ``epoch``) and to TensorBoard (``tensorboard/``), values averaged over
+  processes.
+* **Checkpoints** in the package's own format (:mod:`arelbo.runs`: atomic writes, ``torch.load(weights_only=True)``,
+  ``runs.load_model(run_dir)``): ``checkpoints/last.pt`` every N epochs and at the end, ``checkpoints/best.pt`` by
+  validation -ELBO. They carry Lightning's loop/optimiser/scheduler state plus the objective's state and every RNG.
+* **Exact resume** (:func:`resume`): the data order is a function of (seed, epoch) only, the reparameterisation
+  noise comes from the restored global RNG, validation noise from its own (seed, epoch) generator, so
+  "2 epochs" and "1 epoch, stop, resume to 2" give identical parameters.
+* **Data parallel** (``train.devices > 1``): ``data.batch_size`` is the global batch. Each process takes its
+  contiguous slice of every global batch and the slice of the global batch's noise, so together with the ``ar``
+  policies' all-reduced sums, DDP training reproduces single-process training on the same global batch
+  (up to float summation order; batch norm excepted, its statistics are per process).
+* **NaN/inf guard**: a non-finite loss raises :class:`NonFiniteLossError` naming the step and epoch before the
+  optimiser step, so ``last.pt`` stays the last good state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+
+from arelbo import runs
+from arelbo.config import ConfigError, RunConfig
+from arelbo.models import build_model
+from arelbo.objectives import gaussian_kl, neg_elbo_per_sample
+
+__all__ = [
+    "VAEModule",
+    "NonFiniteLossError",
+    "TrainingInterrupted",
+    "EpochSampler",
+    "fit",
+    "resume",
+    "new_run_dir",
+    "load_splits",
+    "ESTIMATED_ISOTROPIC",
+    "ESTIMATED_DIAGONAL",
+]
+
+# Policies whose validation -ELBO uses sigma2 estimated on the validation set (the rule over the whole set).
+ESTIMATED_ISOTROPIC = ("ar", "ar-ema")
+ESTIMATED_DIAGONAL = ("ar-diagonal",)
+ACTIVE_UNIT_THRESHOLD = 0.01
+RUN_DIR_ENV = "ARELBO_RUN_DIR"  # lets processes re-launched by the "ddp" strategy find their run directory
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the global step and epoch."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (or another interrupt Lightning caught): the run stopped early and can be resumed."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers, without collisions between nearby tuples like (seed, epoch)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+
+
+class EpochSampler(Sampler[int]):
+    """Training order for one process: epoch e's order depends only on (seed, e), so resuming needs no state.
+
+    The dataset is cut into global batches of ``global_batch`` samples (a permutation when shuffling); this
+    process yields its contiguous 1/world slice of each one, in order, so a DataLoader with ``batch_size =
+    global_batch // world`` gives every process its share of the same global batch. An incomplete last batch
+    is dropped (``drop_last``) or trimmed to a multiple of ``world`` so every process sees the same batch count.
+    """
+
+    def __init__(self, n: int, global_batch: int, shuffle: bool, seed: int, drop_last: bool, rank: int = 0, world: int = 1):
+        if global_batch % world:
+            raise ConfigError(f"data.batch_size {global_batch} must be divisible by train.devices {world}")
+        self.n, self.global_batch, self.shuffle, self.seed = int(n), int(global_batch), bool(shuffle), int(seed)
+        self.drop_last, self.rank, self.world = bool(drop_last), int(rank), int(world)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
+        self.epoch = int(epoch)
+
+    def _batch_sizes(self) -> list[int]:
+        full, rest = divmod(self.n, self.global_batch)
+        sizes = [self.global_batch] * full
+        rest -= rest % self.world
+        if rest and not self.drop_last:
+            sizes.append(rest)
+        return sizes
+
+    def __len__(self) -> int:
+        return sum(self._batch_sizes()) // self.world
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        start = 0
+        for size in self._batch_sizes():
+            local = size // self.world
+            yield from order[start + self.rank * local : start + (self.rank + 1) * local].tolist()
+            start += size
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation: process r of w reads the contiguous r-th w-th of the data, in order (no padding)."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.lo, self.hi = n * rank // world, n * (rank + 1) // world
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __iter__(self):
+        return iter(range(self.lo, self.hi))
+
+
+def load_splits(cfg: RunConfig):
+    from arelbo.data import load_dataset
+
+    return load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Lightning module
+
+
+class VAEModule(pl.LightningModule):
+    """(VAE, GaussianVAELoss) from a RunConfig. ``splits`` (an :class:`arelbo.data.Splits`) is loaded from the
+    config when not given; it is never pickled (spawned processes load their own)."""
+
+    def __init__(self, cfg: RunConfig, data_shape: Sequence[int], splits=None, run_dir=None):
+        super().__init__()
+        self.cfg = cfg
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.model = build_model(cfg.model, self.data_shape)
+        # the trainer guards the loss itself (one check per step), so the per-call input checks are off
+        self.loss_fn = cfg.objective.build(check_finite=False)
+        self.splits = splits
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.num_elements = math.prod(self.data_shape)
+        self.last_val: dict[str, Any] | None = None
+        self._resume_rng: dict | None = None
+        self._val_acc: dict[str, Tensor] | None = None
+        self._val_eps: Tensor | None = None
+        self._val_offset = 0
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["splits"] = None  # do not ship the dataset to spawned processes
+        return state
+
+    # ---- data
+
+    def setup(self, stage: str) -> None:
+        if self.splits is None:
+            self.splits = load_splits(self.cfg)
+        if tuple(self.splits.shape) != self.data_shape:
+            raise ValueError(f"data shape {tuple(self.splits.shape)} differs from the model's {self.data_shape}")
+
+    def _loader(self, data: Tensor, sampler: Sampler, batch_size: int) -> DataLoader:
+        from arelbo.data import ImageTensorDataset, collate_identity
+
+        workers = self.cfg.train.num_workers
+        return DataLoader(
+            ImageTensorDataset(data),
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate_identity,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.device.type == "cuda" or self.cfg.train.accelerator == "gpu",
+            # its own generator: creating an iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, 1)),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        d, t = self.cfg.data, self.cfg.train
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = EpochSampler(len(self.splits.train), d.batch_size, d.shuffle, t.seed, d.drop_last, rank, world)
+        if len(sampler) == 0:
+            raise ConfigError(
+                f"the training split has {len(self.splits.train)} samples, fewer than one batch of "
+                f"data.batch_size={d.batch_size}; lower the batch size or set data.drop_last=false"
+            )
+        return self._loader(self.splits.train, sampler, d.batch_size // world)
+
+    def val_dataloader(self) -> DataLoader:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = ShardSampler(len(self.splits.val), rank, world)
+        self._val_offset = sampler.lo
+        return self._loader(self.splits.val, sampler, self.cfg.data.eval_batch_size)
+
+    # ---- optimisation
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}]
+        objective_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        if objective_params:  # e.g. the "learned" policy's log sigma2: never weight-decayed
+            groups.append({"params": objective_params, "weight_decay": 0.0})
+        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        optimizer = cls(groups, lr=t.lr, betas=tuple(t.betas))
+        if t.schedule == "none" and t.warmup_steps == 0:
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, cosine = t.warmup_steps, t.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _noise(self, mu: Tensor) -> Tensor:
+        """This process's slice of the global batch's noise (so N processes draw what 1 process would)."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        b = mu.shape[0]
+        eps = torch.randn(b * world, mu.shape[1], device=mu.device, dtype=mu.dtype)
+        return eps[rank * b : (rank + 1) * b]
+
+    def _all_reduce(self, t: Tensor, op=None) -> Tensor:
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            t = t.clone()
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+        mu, logvar = self.model.encode(x)
+        z = mu + self._noise(mu) * (0.5 * logvar).exp()
+        x_hat = self.model.decode(z)
+        out = self.loss_fn(x, x_hat, mu, logvar)
+        step, epoch, world = self.global_step, self.current_epoch, self.trainer.world_size
+        log_now = step % self.cfg.train.log_every_n_steps == 0
+        if log_now:
+            values = torch.stack([
+                out.loss.detach().float(),
+                out.distortion.detach().float().mean() / out.num_elements,
+                out.distortion.detach().float().mean(),
+                out.rate.detach().float().mean(),
+                out.sigma2_mean.float(),
+                out.neg_elbo.detach().float(),
+                (~torch.isfinite(out.loss.detach())).float(),
+            ])
+            values = self._all_reduce(values)  # sums over processes (last entry: any non-finite)
+            bad = bool(values[-1] > 0)
+        else:
+            values = None
+            bad_t = (~torch.isfinite(out.loss.detach())).float().reshape(1)
+            bad = bool(self._all_reduce(bad_t)[0] > 0) if world > 1 else bool(bad_t[0] > 0)
+        if bad:
+            last = self.run_dir / runs.CHECKPOINT_DIR / "last.pt" if self.run_dir else None
+            where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+            raise NonFiniteLossError(
+                f"non-finite loss ({out.loss.detach().item()}) at global step {step} (epoch {epoch}, batch "
+                f"{batch_idx}) with policy {self.cfg.objective.policy!r}: training stopped{where}"
+            )
+        if log_now:
+            v = (values[:-1] / world).tolist()
+            names = ("loss", "mse", "distortion", "rate", "sigma2", "neg_elbo")
+            record = dict(zip(names, v))
+            record["bits_per_dim"] = record["neg_elbo"] / (out.num_elements * math.log(2.0))
+            record["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self._write("train", record)
+        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
+        self.log("sigma2", out.sigma2_mean, prog_bar=True, logger=False)
+        return out.loss
+
+    def _write(self, split: str, record: dict[str, Any]) -> None:
+        """One record into metrics.jsonl and TensorBoard (process 0 only)."""
+        if not self.trainer.is_global_zero:
+            return
+        full = {"split": split, "step": int(self.global_step), "epoch": int(self.current_epoch), **record}
+        if self.run_dir is not None:
+            runs.append_jsonl(self.run_dir / "metrics.jsonl", full)
+        scalars = {f"{split}/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=int(self.global_step))
+
+    # ---- validation
+
+    def on_train_start(self) -> None:
+        # Every process starts the noise stream from the same point, whatever happened before (model init in
+        # one process, a re-seed in spawned ones); a resumed run replaces it with the saved state below.
+        if self._resume_rng is None:
+            import random
+
+            seed = _seed_for(self.cfg.train.seed, 3)
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+
+    def on_train_epoch_start(self) -> None:
+        self.last_val = None
+        if self._resume_rng is not None:  # the first epoch after a resume starts from the saved generators
+            runs.set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
+    def on_validation_epoch_start(self) -> None:
+        q, d = self.model.latent_dim, self.num_elements
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self._val_acc = {"n": z(1), "sq": z(d), "rate": z(1), "kl": z(q), "mu": z(q), "mu2": z(q), "nelbo": z(1), "s2": z(1)}
+        # Noise for the whole validation set from a (seed, epoch) generator, indexed by sample: the result does
+        # not depend on the number of processes, and validation never touches the global RNG (exact resume).
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, self.current_epoch, 2))
+        self._val_eps = torch.randn(len(self.splits.val), q, generator=g).to(self.device)
+
+    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+        acc = self._val_acc
+        mu, logvar = self.model.encode(x)
+        start = self._val_offset + batch_idx * self.cfg.data.eval_batch_size
+        eps = self._val_eps[start : start + x.shape[0]].to(mu.dtype)
+        x_hat = self.model.decode(mu + eps * (0.5 * logvar).exp())
+        diff = x.flatten(1).double() - x_hat.flatten(1).double()
+        sq = diff * diff
+        kl = gaussian_kl(mu.double(), logvar.double())
+        rate = kl.sum(1)
+        acc["n"] += x.shape[0]
+        acc["sq"] += sq.sum(0)
+        acc["rate"] += rate.sum()
+        acc["kl"] += kl.sum(0)
+        acc["mu"] += mu.double().sum(0)
+        acc["mu2"] += mu.double().pow(2).sum(0)
+        policy = self.loss_fn.policy
+        if policy.name not in ESTIMATED_ISOTROPIC + ESTIMATED_DIAGONAL:
+            sigma2 = policy.sigma2(sq).double()  # eval mode: the policy's own value (per sample for ar-per-sample)
+            acc["nelbo"] += neg_elbo_per_sample(sq, sigma2, rate).sum()
+            acc["s2"] += sigma2.mean() * x.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self._val_acc
+        keys = list(acc)
+        flat = self._all_reduce(torch.cat([acc[k].reshape(-1) for k in keys]))
+        sums, start = {}, 0
+        for k in keys:
+            sums[k] = flat[start : start + acc[k].numel()].reshape(acc[k].shape)
+            start += acc[k].numel()
+        n = float(sums["n"].item())
+        if n == 0:
+            return
+        d = self.num_elements
+        floor = self.loss_fn.policy.floor
+        sq_mean = sums["sq"] / n  # (D,) mean squared error per element
+        distortion = float(sq_mean.sum())
+        kl = float(sums["rate"].item()) / n
+        policy = self.loss_fn.policy.name
+        if policy in ESTIMATED_ISOTROPIC:
+            s2 = max(distortion / d, floor)
+            nelbo = distortion / (2 * s2) + 0.5 * d * math.log(2 * math.pi * s2) + kl
+        elif policy in ESTIMATED_DIAGONAL:
+            s2_d = sq_mean.clamp_min(floor)
+            nelbo = float((sq_mean / (2 * s2_d) + 0.5 * torch.log(2 * math.pi * s2_d)).sum()) + kl
+            s2 = float(s2_d.mean())
+        else:
+            nelbo = float(sums["nelbo"].item()) / n
+            s2 = float(sums["s2"].item()) / n
+        var_mu = (sums["mu2"] / n - (sums["mu"] / n).pow(2)).clamp_min(0)
+        record = {
+            "neg_elbo": nelbo,
+            "bits_per_dim": nelbo / (d * math.log(2.0)),
+            "mse": distortion / d,
+            "distortion": distortion,
+            "kl": kl,
+            "sigma2": s2,
+            "active_units": int((var_mu > ACTIVE_UNIT_THRESHOLD).sum().item()),
+            "kl_per_dim": [float(v) for v in (sums["kl"] / n).tolist()],
+            "var_mu": [float(v) for v in var_mu.tolist()],
+            "n": int(n),
+        }
+        self.last_val = record
+        self._write("val", record)
+        # already global values: the sync only keeps Lightning's epoch-level bookkeeping consistent
+        self.log("val_nelbo", nelbo, prog_bar=True, logger=False, sync_dist=True)
+        self.log("val_au", float(record["active_units"]), prog_bar=True, logger=False, sync_dist=True)
+
+    # ---- checkpoint contents (the format of arelbo.runs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.pop("state_dict")
+        checkpoint["model"] = {k[6:]: v for k, v in state.items() if k.startswith("model.")}
+        checkpoint["objective"] = {k[8:]: v for k, v in state.items() if k.startswith("loss_fn.")}
+        checkpoint["config"] = self.cfg.to_dict()
+        checkpoint["data_shape"] = list(self.data_shape)
+        checkpoint["policy"] = self.cfg.objective.policy
+        checkpoint["rng"] = runs.rng_state()
+        checkpoint["val"] = self.last_val
+        checkpoint["saved_at"] = datetime.now().isoformat(timespec="seconds")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:
+            checkpoint["state_dict"] = {
+                **{f"model.{k}": v for k, v in checkpoint["model"].items()},
+                **{f"loss_fn.{k}": v for k, v in checkpoint.get("objective", {}).items()},
+            }
+        self._resume_rng = checkpoint.get("rng")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint IO and callback
+
+
+class RunCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint dicts written with :func:`arelbo.runs.save_checkpoint` (atomic) and read with
+    ``weights_only=True``; also serves Lightning's own temporary files (plain state dicts)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if "model" in checkpoint and "config" in checkpoint:
+            runs.save_checkpoint(path, checkpoint)
+        else:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            runs.atomic_write_bytes(path, buffer.getvalue())
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
+class RunCheckpoint(Checkpoint):
+    """``last.pt`` every N epochs and at the end, ``best.pt`` (a copy) when validation -ELBO improves."""
+
+    def __init__(self, run_dir, every_n_epochs: int = 1, save_best: bool = True):
+        self.dir = Path(run_dir) / runs.CHECKPOINT_DIR
+        self.every_n_epochs, self.save_best = int(every_n_epochs), bool(save_best)
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._saved_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "RunCheckpoint"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
+
+    def _save(self, trainer: pl.Trainer, best: bool) -> None:
+        last = self.dir / "last.pt"
+        trainer.save_checkpoint(last, weights_only=False)  # every process dumps; process 0 writes; then a barrier
+        self._saved_step = trainer.global_step
+        if best and trainer.is_global_zero:
+            runs.atomic_write_bytes(self.dir / "best.pt", last.read_bytes())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: VAEModule) -> None:
+        metric = None if module.last_val is None else module.last_val["neg_elbo"]
+        improved = metric is not None and math.isfinite(metric) and (self.best is None or metric < self.best)
+        if improved:
+            self.best, self.best_epoch = float(metric), int(trainer.current_epoch)
+        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if due or (improved and self.save_best):
+            self._save(trainer, best=improved and self.save_best)
+
+    def on_train_end(self, trainer: pl.Trainer, module: VAEModule) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save(trainer, best=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def new_run_dir(cfg: RunConfig, out=None, prefix: str | None = None) -> Path:
+    """Decide the run directory (``out``, else ``cfg.out_dir/cfg.name`` with a generated name) and record it in
+    ``cfg.out_dir``/``cfg.name``. A directory that already holds a run is an error (resume it instead)."""
+    if out is not None:
+        run_dir = Path(out)
+    else:
+        if cfg.name is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            cfg.name = f"{prefix or cfg.data.name}-{cfg.objective.policy}-{stamp}"
+        run_dir = Path(cfg.out_dir) / cfg.name
+    cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
+    if (run_dir / "config.yaml").exists() or (run_dir / runs.CHECKPOINT_DIR).exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
+        )
+    return run_dir
+
+
+def _strategy(t):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if t.devices == 1:
+        if t.strategy != "auto":
+            warnings.warn(f"train.strategy={t.strategy} ignored with train.devices=1")
+        return "auto"
+    gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
+    start = "popen" if t.strategy == "ddp" else "spawn"
+    return DDPStrategy(start_method=start, process_group_backend="nccl" if gpu else "gloo")
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callbacks: Sequence = ()) -> pl.Trainer:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    t = cfg.train
+    accelerator = {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[t.accelerator]
+    loggers = [TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)]
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=t.devices,
+        strategy=_strategy(t),
+        precision={"32": "32-true"}.get(t.precision, t.precision),
+        max_epochs=t.epochs,
+        max_steps=-1 if t.max_steps is None else t.max_steps,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        gradient_clip_val=t.grad_clip,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=t.log_every_n_steps,
+        num_sanity_val_steps=0,
+        sync_batchnorm=t.sync_batchnorm and t.devices > 1,
+        use_distributed_sampler=False,  # our samplers shard by (rank, world) themselves
+        enable_progress_bar=progress,
+        enable_model_summary=progress,
+        callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best), *callbacks],
+        plugins=[RunCheckpointIO()],
+        logger=loggers,
+        default_root_dir=str(run_dir),
+        deterministic=False,
+    )
+
+
+def _quiet_lightning(progress: bool) -> None:
+    import logging
+
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*smaller than the logging interval.*",
+        ".*GPU available but not used.*",
+        ".*`isinstance.treespec, LeafSpec.` is deprecated.*",
+    ):
+        warnings.filterwarnings("ignore", pattern)
+    if not progress:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _is_launched_child() -> bool:
+    """True in the extra processes the "ddp" (popen) strategy launches by re-running the command."""
+    return os.environ.get(RUN_DIR_ENV) is not None and int(os.environ.get("LOCAL_RANK", "0")) > 0
+
+
+def _save_sigint():
+    import signal
+    import threading
+
+    return signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+
+
+def _restore_sigint(handler) -> None:
+    import signal
+
+    if handler is not None:
+        signal.signal(signal.SIGINT, handler)
+
+
+def _run(cfg: RunConfig, run_dir: Path, splits, ckpt_path, progress: bool, callbacks) -> Path:
+    _quiet_lightning(progress)
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if splits is None:
+        splits = load_splits(cfg)  # spawned processes load their own copy (the module never pickles its data)
+    module = VAEModule(cfg, splits.shape, splits, run_dir)
+    trainer = build_trainer(cfg, run_dir, progress, callbacks)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    sigint = _save_sigint()
+    try:
+        trainer.fit(module, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+    except SystemExit:
+        if not trainer.interrupted:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+            raise
+    except Exception as err:
+        # spawned processes report their exceptions as text: surface a NaN stop as the same error type
+        if type(err).__name__ == "ProcessRaisedException" and NonFiniteLossError.__name__ in str(err):
+            line = next(ln for ln in str(err).splitlines() if NonFiniteLossError.__name__ in ln)
+            raise NonFiniteLossError(line.split(": ", 1)[-1]) from None
+        raise
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+        _restore_sigint(sigint)  # Lightning ignores SIGINT after a Ctrl-C; give the caller its handler back
+    if trainer.interrupted:
+        raise TrainingInterrupted(
+            f"training interrupted at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"continue with: arelbo train --resume {run_dir}"
+        )
+    if not _is_launched_child() and trainer.is_global_zero:
+        _write_samples(run_dir, cfg.train.n_samples, cfg.train.seed)
+    return run_dir
+
+
+def _write_samples(run_dir: Path, n: int, seed: int) -> None:
+    from arelbo.imagegrid import make_grid, save_png
+
+    if n <= 0:
+        return
+    model, _, _ = runs.load_model(run_dir, "last")
+    if len(model.shape) != 3 or model.shape[0] not in (1, 3) or min(model.shape[1:]) < 2:
+        return  # not images (e.g. Gaussian vectors)
+    g = torch.Generator().manual_seed(seed)
+    save_png(make_grid(model.sample(n, generator=g)), run_dir / "samples.png")
+
+
+def fit(cfg: RunConfig, run_dir=None, *, splits=None, progress: bool = True, callbacks: Sequence = (),
+        prefix: str | None = None) -> Path:
+    """Train a new run from ``cfg`` into ``run_dir`` (default: ``cfg.out_dir/cfg.name``); returns the run dir.
+
+    ``splits``: an already loaded :class:`arelbo.data.Splits` (else loaded from ``cfg.data``).
+    ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run).
+    """
+    if _is_launched_child():
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+        return _run(RunConfig.load(run_dir / "config.yaml"), run_dir, splits, None, progress, callbacks)
+    run_dir = new_run_dir(cfg, run_dir, prefix)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    return _run(cfg, run_dir, splits, None, progress, callbacks)
+
+
+def _resume_path(run_dir: Path, must: bool = True) -> Path | None:
+    path = run_dir / runs.CHECKPOINT_DIR / "last.pt"
+    if not path.is_file():
+        if must:
+            raise FileNotFoundError(
+                f"nothing to resume in {run_dir}: no {runs.CHECKPOINT_DIR}/last.pt (the run stopped before its first "
+                f"checkpoint; start it again)"
+            )
+        return None
+    return path
+
+
+RESUMABLE_SECTIONS = ("train",)
+
+
+def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: bool = True,
+           callbacks: Sequence = ()) -> Path:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` exactly where it stopped, to the configured
+    number of epochs. ``overrides`` (``train.*`` only, e.g. ``train.epochs=20``) change the saved config."""
+    from arelbo.config import apply_overrides, parse_override
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
+    cfg = runs.read_config(run_dir)
+    for text in overrides:
+        path, _ = parse_override(text)
+        if path[0] not in RESUMABLE_SECTIONS:
+            raise ConfigError(f"--set {text}: only train.* settings may change when resuming a run")
+    if overrides:
+        cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    ckpt_path = _resume_path(run_dir)
+    ckpt = runs.load_checkpoint(ckpt_path)
+    step = int(ckpt.get("global_step", 0))
+    _truncate_metrics(run_dir / "metrics.jsonl", step)
+    cfg.save(run_dir / "config.yaml")
+    return _run(cfg, run_dir, splits, ckpt_path, progress, callbacks)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Forget records logged after the checkpoint (a killed run's tail), so the log is one consistent history."""
+    if not path.is_file():
+        return
+    keep = [r for r in runs.read_jsonl(path) if (r["step"] < step if r.get("split") == "train" else r["step"] <= step)]
+    import json
+
+    runs.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))

@@ -1,0 +1,153 @@
+"""The `arelbo` train / sample / reconstruct / demo commands, end to end on tiny data."""
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+pytest.importorskip("lightning")
+
+from arelbo import cli, runs  # noqa: E402
+
+MINE = ("train", "sample", "reconstruct", "demo")
+
+
+@pytest.fixture(autouse=True)
+def only_my_commands(monkeypatch):
+    """Route through cli.main with just these commands (other modules of the router are tested elsewhere)."""
+    monkeypatch.setattr(cli, "COMMANDS", {k: v for k, v in cli.COMMANDS.items() if k in MINE})
+
+
+def arelbo(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture
+def image_config(tmp_path):
+    """A tiny image dataset (60 blobs of 8x8, uint8, in an .npz) and a config file for a tiny conv VAE."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:8, :8]
+    centres = rng.uniform(1, 7, size=(60, 2))
+    images = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 3.0)
+    np.savez(tmp_path / "blobs.npz", x=(images * 255).astype(np.uint8))
+    cfg = {
+        "data": {"name": "npz", "root": str(tmp_path / "blobs.npz"), "batch_size": 16, "eval_batch_size": 8},
+        "model": {"arch": "conv", "hidden": [4, 8], "latent_dim": 2},
+        "train": {"epochs": 1, "log_every_n_steps": 1, "n_samples": 4},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_sample_reconstruct_resume(tmp_path, image_config, capsys):
+    run_dir = tmp_path / "run"
+    assert arelbo("train", "--config", image_config, "--set", "objective.policy=ar-ema", "--out", run_dir, "--quiet") == 0
+    assert f"run directory: {run_dir}" in capsys.readouterr().out
+    assert runs.read_config(run_dir).objective.policy == "ar-ema"
+    assert (run_dir / "samples.png").is_file()  # written at the end of training
+    assert runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")["global_step"] == 3  # 48 train / 16
+
+    assert arelbo("sample", run_dir, "--n", 6, "--nrow", 3, "--out", tmp_path / "s.png") == 0
+    image = Image.open(tmp_path / "s.png")
+    assert image.size == (2 + 3 * 10, 2 + 2 * 10)  # 3 x 2 tiles of 8 px with 2 px padding
+
+    assert arelbo("reconstruct", run_dir, "--n", 4, "--split", "val") == 0
+    rec = Image.open(run_dir / "reconstructions-val.png")
+    assert rec.mode == "RGB" and rec.size[1] > 2 * 8
+
+    assert arelbo("train", "--resume", run_dir, "--set", "train.epochs=2", "--quiet") == 0
+    assert runs.load_checkpoint(run_dir / "checkpoints" / "last.pt")["global_step"] == 6
+    assert runs.read_config(run_dir).train.epochs == 2
+
+
+def test_train_errors_are_one_line(tmp_path, image_config, capsys):
+    assert arelbo("train", "--preset", "mnist-cnn") == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'mnist-cnn'" in err and "mnist-conv" in err and "celeba64-conv" in err
+    assert "Traceback" not in err
+
+    assert arelbo("train", "--preset", "mnist-conv", "--set", "train.epoch=3") == 2
+    err = capsys.readouterr().err
+    assert "unknown key train.epoch" in err and "epochs" in err
+
+    assert arelbo("train", "--preset", "mnist-conv", "--set", "modle.latent_dim=3") == 2
+    assert "valid top-level keys: data, model, objective, train" in capsys.readouterr().err
+
+    assert arelbo("train", "--preset", "mnist-conv", "--set", "train.epochs=ten") == 2
+    assert "train.epochs must be int, got 'ten'" in capsys.readouterr().err
+
+    assert arelbo("train", "--preset", "mnist-conv", "--set", "objective.policy=arelbo") == 2
+    assert "known: ar, ar-diagonal, ar-ema" in capsys.readouterr().err
+
+    assert arelbo("train", "--resume", tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    assert arelbo("train", "--resume", tmp_path / "empty") == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+    assert arelbo("train", "--resume", tmp_path / "empty", "--preset", "mnist-conv") == 2
+    assert "drop --preset" in capsys.readouterr().err
+
+    assert arelbo("sample", tmp_path / "missing") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_existing_run_and_resume_restrictions(tmp_path, image_config, capsys):
+    run_dir = tmp_path / "run"
+    assert arelbo("train", "--config", image_config, "--out", run_dir, "--quiet") == 0
+    capsys.readouterr()
+    assert arelbo("train", "--config", image_config, "--out", run_dir, "--quiet") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert arelbo("train", "--resume", run_dir, "--set", "model.latent_dim=3") == 2
+    assert "only train.* settings" in capsys.readouterr().err
+
+
+def test_list_presets_and_print_config(capsys):
+    assert arelbo("train", "--list-presets") == 0
+    names = capsys.readouterr().out.split()
+    assert {"mnist-conv", "mnist-mlp", "celeba64-conv", "linear-gaussian"} <= set(names)
+    assert arelbo("train", "--preset", "celeba64-conv", "--set", "train.epochs=3", "--print-config") == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 3 and printed["model"]["hidden"] == [128, 256, 512, 1024]
+
+
+def test_sample_refuses_non_images(tmp_path):
+    from arelbo.config import load_config
+    from arelbo.train import fit
+
+    cfg = load_config("linear-gaussian", overrides=["train.epochs=1", "data.options.n_train=500", "data.batch_size=250"])
+    run_dir = fit(cfg, tmp_path / "lin", progress=False)
+    assert not (run_dir / "samples.png").exists()
+    assert arelbo("sample", run_dir) == 2
+
+
+def test_demo_small(tmp_path, capsys):
+    """The demo's whole pipeline on a small MNIST subset and a few steps (the full demo is a slow test)."""
+    from arelbo.data import Splits, load_dataset
+    from arelbo.demo import run_demo
+
+    full = load_dataset("mnist")
+    splits = Splits("mnist", full.train[:256], full.val[:200], full.test[:16])
+    rows = run_demo(tmp_path / "demo", epochs=1, steps_per_epoch=3, batch_size=16, progress=False, splits=splits)
+    out = capsys.readouterr().out
+    assert [r["folder"] for r in rows] == ["ar", "fixed-sigma2-1"]
+    assert rows[1]["val"]["sigma2"] == 1.0
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    for word in ("AR-ELBO (ar)", "fixed sigma^2 = 1", "MSE", "KL", "active units", "final sigma^2", "bits/dim"):
+        assert word in summary and word in out
+    grid = Image.open(tmp_path / "demo" / "samples.png")
+    assert grid.size[0] > 2 * grid.size[1] * 0.8  # two grids side by side
+    for folder in ("ar", "fixed-sigma2-1"):
+        runs.load_model(tmp_path / "demo" / folder)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_demo(tmp_path / "demo", epochs=1, steps_per_epoch=1, batch_size=16, progress=False, splits=splits)
+
+
+@pytest.mark.slow
+def test_demo_full(tmp_path):
+    """`arelbo demo` as shipped: AR-ELBO ends with more active units than sigma^2 = 1."""
+    assert arelbo("demo", "--out", tmp_path / "demo", "--quiet") == 0
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert "(more active units)" in summary
