@@ -1,0 +1,566 @@
+"""``arelbo eval RUN_DIR``: collapse diagnostics, likelihoods and sample quality of a trained run, with protocol.
+
+Writes ``metrics.json`` into the run directory (atomically) and prints a table. For programmatic use::
+
+    from arelbo.evaluate import evaluate_run
+    result = evaluate_run("runs/mnist-ar", samplers=("prior", "gmm"), n_samples=10000)
+    result["summary"]["active_units"], result["fid"]["gmm"]["fid"]
+
+What is computed (one encoder pass over the evaluation split, under ``torch.inference_mode``):
+
+- collapse: active units (Var_x(mu_j) > threshold), the variance of each mu_j, KL per latent dimension and in
+  total, I(x; z) under the aggregate posterior of the first ``mi_examples`` examples (<= log N), decoder
+  smoothness E||df/dz_j|| at the posterior means of the first ``smoothness_examples`` (forward-mode jvp, the
+  only part outside inference mode);
+- likelihood: the ``ar`` rule's sigma2 on the evaluation set (isotropic, and the diagonal one summarised), the
+  -ELBO in nats and bits/dim under the run's own policy (ar-type policies: sigma2 estimated on this set) and under
+  ``ar`` (the best isotropic sigma2, comparable across runs), the importance-sampled NLL with K samples on the
+  first ``is_examples`` examples at the run policy's sigma2, the posterior-mean reconstruction MSE, and for a
+  linear model the exact NLL;
+- samples: each ex-post sampler (:mod:`arelbo.samplers`) is fitted on the training split (or reloaded from
+  ``RUN_DIR/samplers/NAME.pt`` when fitted before for the same checkpoint and options), draws ``n_samples``
+  images, and FID (``arelbo.metrics.fid.compute_fid``) scores them against the evaluation split.
+
+Randomness: every random stream has its own generator seeded from ``seed`` and a fixed tag (see ``_generator``),
+so each number is reproducible on its own and independent of which other metrics were asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+import zlib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+METRICS_FILE = "metrics.json"
+METRICS_FORMAT = 1
+SAMPLER_DIR = "samplers"
+
+
+def _generator(seed: int, tag: str):
+    import torch
+
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(tag.encode())) % (2**63))
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> None, tensors -> lists/floats, tuples -> lists."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _default_feature_net(shape) -> str:
+    return "mnist-features" if tuple(shape) == (1, 28, 28) else "inception"
+
+
+def _parse_samplers(samplers) -> list[str]:
+    if samplers is None:
+        return []
+    if isinstance(samplers, str):
+        samplers = samplers.split(",")
+    names = [s.strip() for s in samplers if s and s.strip()]
+    from arelbo.samplers import SAMPLERS
+
+    unknown = [s for s in names if s not in SAMPLERS]
+    if unknown:
+        raise ValueError(f"unknown sampler(s) {unknown}; known: {', '.join(sorted(SAMPLERS))}")
+    return list(dict.fromkeys(names))
+
+
+def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress):
+    from arelbo.samplers import load_sampler, make_sampler, save_sampler
+
+    path = Path(run_dir) / SAMPLER_DIR / f"{name}.pt"
+    if path.is_file() and not refit:
+        try:
+            sampler, extra = load_sampler(path)
+            if extra.get("key") == key:
+                return sampler, {"source": "reused", "path": str(path), "fit_seconds": extra.get("fit_seconds")}
+        except (ValueError, RuntimeError, KeyError):
+            pass  # unreadable or stale: refit
+    sampler = make_sampler(name, **options)
+    t0 = time.perf_counter()
+    sampler.fit(model, train_loader, max_examples=fit_examples, progress=progress and f"{name}: fitting")
+    seconds = time.perf_counter() - t0
+    info = {"source": "fitted", "fit_seconds": round(seconds, 3)}
+    if write:
+        save_sampler(sampler, path, extra={"key": key, "fit_seconds": round(seconds, 3)})
+        info["path"] = str(path)
+    return sampler, info
+
+
+def evaluate_run(
+    run_dir,
+    *,
+    which: str = "best",
+    split: str = "test",
+    n_samples: int = 10000,
+    k: int = 100,
+    samplers: Sequence[str] | str | None = ("prior", "gmm"),
+    sampler_options: dict[str, dict[str, Any]] | None = None,
+    batch_size: int = 500,
+    fid: bool = True,
+    feature_net: str | None = None,
+    kid: bool | None = None,
+    max_examples: int | None = None,
+    fit_examples: int | None = None,
+    is_examples: int | None = 1000,
+    smoothness_examples: int | None = 1000,
+    mi_examples: int | None = 10000,
+    threshold: float = 0.01,
+    sq_err: str = "auto",
+    seed: int = 0,
+    device: str = "cpu",
+    data_root: str | None = None,
+    refit_samplers: bool = False,
+    write: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run directory; returns the metrics.json dict (also written there unless ``write=False``).
+
+    ``max_examples`` caps the evaluation split *and* the training examples the samplers are fitted on (quick
+    runs); ``fit_examples`` caps the latter alone. ``is_examples``, ``smoothness_examples``, ``mi_examples``: how
+    many of the evaluation examples the IS-NLL, smoothness and MI use (None: all); K IS samples each.
+    ``samplers``: names or a comma-separated string; ``sampler_options``: {name: constructor kwargs}. ``fid``:
+    score samples with FID when the data are images (uint8) and ``arelbo.metrics.fid`` is importable;
+    ``feature_net`` default: mnist-features for 1x28x28 data, else inception; ``kid`` default: on when
+    ``n_samples`` < 2048. ``sq_err``: how E_q||x - f(z)||^2 is computed for the -ELBO and the ar sigma2
+    (auto: exact for a linear model, else one reparameterised sample per example).
+    """
+    import torch
+
+    from arelbo import __version__
+    from arelbo.data import load_dataset, make_loader
+    from arelbo.metrics.collapse import (
+        active_units,
+        batch_sq_err,
+        decoder_smoothness,
+        iterate_batches,
+        mutual_information,
+    )
+    from arelbo.metrics.likelihood import (
+        ELBOAccumulator,
+        importance_sampled_nll_dataset,
+        linear_vae_exact_nll,
+        resolve_sigma2,
+    )
+    from arelbo.runs import atomic_write_text, checkpoint_path, load_model
+    from arelbo.samplers import decode_samples
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_dir = Path(run_dir)
+    if k < 1 or n_samples < 0 or batch_size < 1:
+        raise ValueError("need k >= 1, n_samples >= 0, batch_size >= 1")
+    sampler_names = _parse_samplers(samplers)
+    sampler_options = dict(sampler_options or {})
+    bad = sorted(set(sampler_options) - set(sampler_names))
+    if bad:
+        raise ValueError(f"options given for sampler(s) {bad} that are not being evaluated ({sampler_names})")
+
+    ckpt_file = checkpoint_path(run_dir, which)
+    model, loss_fn, ckpt = load_model(run_dir, which, map_location=device)
+    model.to(device)
+    cfg = ckpt["config"]
+    data_cfg = cfg.get("data")
+    if not isinstance(data_cfg, dict) or "name" not in data_cfg:
+        raise ValueError(f"the checkpoint's config has no data section naming the dataset: {ckpt_file}")
+    splits = load_dataset(data_cfg["name"], data_root or data_cfg.get("root"), **(data_cfg.get("options") or {}))
+    eval_data = splits.split(split)
+    train_data = splits.train
+    if max_examples is not None:
+        eval_data, train_data = eval_data[:max_examples], train_data[:max_examples]
+    if fit_examples is not None:
+        train_data = train_data[:fit_examples]
+    n_eval = int(eval_data.shape[0])
+    loader = make_loader(eval_data, batch_size, shuffle=False)
+    timings["load"] = time.perf_counter() - t_start
+
+    # ---- one pass: posteriors, squared errors, posterior-mean reconstruction error
+    t0 = time.perf_counter()
+    mode = sq_err
+    if mode == "auto":
+        mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
+    acc = ELBOAccumulator(per_sample_floor=loss_fn.policy.floor)
+    acc.sq_err_mode = mode
+    gen_elbo = _generator(seed, "elbo")
+    mus, logvars = [], []
+    mse_sum = 0.0
+    with torch.inference_mode():
+        for x in iterate_batches(loader, device, progress=progress and "eval: encoding"):
+            mu, logvar = model.encode(x)
+            acc.update(batch_sq_err(model, x, mode, gen_elbo, (mu, logvar)), mu, logvar)
+            mse_sum += float((x.flatten(1).double() - model.decode(mu).flatten(1).double()).pow(2).sum())
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
+    mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
+    d = acc.num_elements
+    q = int(mu_all.shape[1])
+    timings["encode_pass"] = time.perf_counter() - t0
+
+    # ---- collapse
+    t0 = time.perf_counter()
+    au = active_units(mu_all, threshold)
+    n_mi = n_eval if mi_examples is None else min(n_eval, int(mi_examples))
+    mi = mutual_information(mu_all[:n_mi], logvar_all[:n_mi], generator=_generator(seed, "mi")) if n_mi else None
+    timings["mutual_information"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_smooth = n_eval if smoothness_examples is None else min(n_eval, int(smoothness_examples))
+    smooth = decoder_smoothness(model.decoder, mu_all[:n_smooth].to(device), batch_size=batch_size) if n_smooth else None
+    timings["smoothness"] = time.perf_counter() - t0
+
+    # ---- likelihood
+    t0 = time.perf_counter()
+    policy_name = loss_fn.policy.name
+    elbo_policy = acc.result(loss_fn)
+    elbo_ar = acc.result("ar", floor=loss_fn.policy.floor)
+    sigma2_diag = acc.ar_sigma2(diagonal=True)
+    value, kind, _ = resolve_sigma2(loss_fn, acc)
+    is_note = None
+    if kind == "per-sample":
+        value = acc.ar_sigma2().clamp_min(loss_fn.policy.floor)
+        is_note = "per-sample sigma2 defines no single density: IS-NLL uses the eval-set isotropic MLE"
+    n_is = n_eval if is_examples is None else min(n_eval, int(is_examples))
+    is_res = None
+    if n_is > 0:
+        is_loader = make_loader(eval_data[:n_is], max(1, min(batch_size, 100)), shuffle=False)
+        is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), k, _generator(seed, "is-nll"),
+                                                progress=progress and f"eval: IS-NLL (K={k})")
+    timings["is_nll"] = time.perf_counter() - t0
+    exact = None
+    if hasattr(model, "expected_sq_err") and hasattr(getattr(model, "decoder", None), "linear"):
+        with torch.inference_mode():
+            vals = torch.cat([linear_vae_exact_nll(model, x, value.to(x.device)).cpu()
+                              for x in iterate_batches(loader, device)])
+        exact = {"nll": float(vals.mean()), "bits_per_dim": float(vals.mean()) / (d * math.log(2)),
+                 "nll_is_subset": float(vals[:n_is].mean()) if n_is else None,
+                 "note": "closed-form -log N(x; b, W W^T + sigma2) at the sigma2 the IS-NLL uses"}
+
+    # ---- samples and FID
+    is_image = eval_data.dtype == torch.uint8
+    fid_fn, fid_unavailable = None, None
+    if not fid:
+        fid_unavailable = "disabled (--no-fid)"
+    elif not is_image:
+        fid_unavailable = f"data are not images (dtype {eval_data.dtype}, shape {tuple(eval_data.shape[1:])})"
+    else:
+        try:
+            from arelbo.metrics.fid import compute_fid as fid_fn
+        except ImportError as err:
+            fid_unavailable = f"arelbo.metrics.fid is not available ({err})"
+    net = feature_net or _default_feature_net(splits.shape)
+    if fid_fn is not None and sampler_names and n_samples > 0:
+        try:  # fail once, before any sample is drawn, when the feature network cannot be loaded
+            from arelbo.metrics.features import get_feature_net
+
+            get_feature_net(net)
+        except ImportError:
+            pass  # no separate loader to check: compute_fid reports its own errors
+        except Exception as err:
+            fid_fn, fid_unavailable = None, f"feature network {net!r} unavailable: {type(err).__name__}: {err}"
+    use_kid = (n_samples < 2048) if kid is None else bool(kid)
+    reference_name = f"{splits.name}:{split}" + (f"[:{n_eval}]" if max_examples is not None else "")
+    train_loader = make_loader(train_data, batch_size, shuffle=False) if sampler_names else None
+    ckpt_hash = _sha256(ckpt_file) if sampler_names else None  # a saved sampler fit is reused only for this file
+    sampler_results: dict[str, Any] = {}
+    fid_results: dict[str, Any] = {}
+    for name in sampler_names:
+        t0 = time.perf_counter()
+        options = dict(sampler_options.get(name, {}))
+        if "seed" in _sampler_params(name) and "seed" not in options:
+            options["seed"] = int(seed)
+        key = {"checkpoint": ckpt_file.name, "checkpoint_sha256": ckpt_hash, "options": _clean(options),
+               "fit_split": "train", "fit_examples": int(train_data.shape[0])}
+        sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write,
+                                             refit_samplers, None, progress)
+        info.update({"config": _clean(sampler.config()), "fit_info": _clean(sampler.fit_info),
+                     "fit_examples": int(train_data.shape[0]), "n_samples": int(n_samples)})
+        sampler_results[name] = info
+        if n_samples == 0:
+            continue
+        if fid_fn is None:  # nothing would score the images: do not draw them
+            fid_results[name] = {"skipped": fid_unavailable}
+            timings[f"sampler:{name}"] = time.perf_counter() - t0
+            continue
+        images = decode_samples(model, sampler, n_samples, _generator(seed, f"samples:{name}"), batch_size,
+                                as_uint8=is_image, progress=progress and f"{name}: decoding")
+        try:
+            fid_results[name] = _clean(fid_fn(images, eval_data, feature_net=net, seed=int(seed), kid=use_kid,
+                                              reference_name=reference_name, progress=progress))
+        except Exception as err:  # a missing feature network must not lose the other metrics
+            fid_results[name] = {"error": f"{type(err).__name__}: {err}", "feature_net": net}
+        timings[f"sampler:{name}"] = time.perf_counter() - t0
+
+    timings["total"] = time.perf_counter() - t_start
+    collapse = {
+        "latent_dim": q,
+        "active_units": au.count,
+        "active_mask": au.mask.tolist(),
+        "latent_variance": au.variance.tolist(),
+        "kl_per_dim": elbo_policy.kl_per_dim,
+        "kl_total": elbo_policy.rate,
+        "mutual_information": mi,
+        "mutual_information_max": math.log(n_mi) if n_mi else None,
+        "smoothness_per_dim": smooth.tolist() if smooth is not None else None,
+        "smoothness_mean": float(smooth.mean()) if smooth is not None else None,
+    }
+    likelihood = {
+        "policy": policy_name,
+        "sigma2_ar": float(acc.ar_sigma2()),
+        "sigma2_ar_diagonal": {"mean": float(sigma2_diag.mean()), "min": float(sigma2_diag.min()),
+                               "max": float(sigma2_diag.max()),
+                               "geometric_mean": float(sigma2_diag.clamp_min(1e-30).log().mean().exp())},
+        "neg_elbo": elbo_policy.to_dict(),
+        "neg_elbo_ar": elbo_ar.to_dict(),
+        "is_nll": None if is_res is None else {**is_res.to_dict(), "sigma2_kind": "isotropic" if value.dim() == 0 else "diagonal",
+                                                 "sigma2_mean": float(value.mean()), "note": is_note},
+        "exact_nll": exact,
+        "mse": mse_sum / (n_eval * d),
+        "distortion": elbo_policy.distortion,
+    }
+    for key_ in ("neg_elbo", "neg_elbo_ar"):
+        if isinstance(likelihood[key_]["sigma2"], list):  # a (D,) vector: keep the summary, not D numbers
+            likelihood[key_]["sigma2"] = "diagonal (see sigma2_mean and sigma2_ar_diagonal)"
+        likelihood[key_].pop("kl_per_dim")  # already under collapse
+    summary = {
+        "active_units": au.count,
+        "latent_dim": q,
+        "kl_total": elbo_policy.rate,
+        "mutual_information": mi,
+        "smoothness_mean": collapse["smoothness_mean"],
+        "sigma2_ar": likelihood["sigma2_ar"],
+        "neg_elbo": elbo_policy.neg_elbo,
+        "neg_elbo_bpd": elbo_policy.bits_per_dim,
+        "neg_elbo_ar": elbo_ar.neg_elbo,
+        "neg_elbo_ar_bpd": elbo_ar.bits_per_dim,
+        "is_nll": None if is_res is None else is_res.nll,
+        "is_nll_bpd": None if is_res is None else is_res.bits_per_dim,
+        "mse": likelihood["mse"],
+    }
+    for name, res in fid_results.items():
+        summary[f"fid_{name}"] = res.get("fid")
+    result = {
+        "format": METRICS_FORMAT,
+        "arelbo_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_dir": str(run_dir),
+        "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("step")),
+                       "epoch": _clean(ckpt.get("epoch"))},
+        "run": {"dataset": splits.name, "data_shape": list(splits.shape), "arch": cfg.get("model", {}).get("arch"),
+                "latent_dim": q, "policy": policy_name},
+        "protocol": {
+            "split": split,
+            "num_examples": n_eval,
+            "num_elements": d,
+            "max_examples": max_examples,
+            "batch_size": batch_size,
+            "seed": seed,
+            "device": str(device),
+            "sq_err": {"exact": "E_q (x - f(z))^2 in closed form (linear model)",
+                       "sample": "one reparameterised z ~ q(z|x) per example",
+                       "mean": "z = mu (posterior mean)"}[mode],
+            "sigma2": elbo_policy.sigma2_source,
+            "active_threshold": threshold,
+            "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
+            "mi": {"num_examples": n_mi, "samples_per_example": 1,
+                   "estimator": "E[log q(z|x) - log q(z)], q(z) = mixture of the N posteriors; <= log N"},
+            "smoothness": {"num_examples": n_smooth, "how": "mean over examples of ||J_f(mu) e_j||_2, forward-mode jvp"},
+            "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": float(value.mean())},
+            "samplers": sampler_results,
+            "fid": {"feature_net": net, "reference": reference_name, "kid": use_kid,
+                    "n_samples": n_samples, "skipped": fid_unavailable},
+            "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                            "threads": torch.get_num_threads()},
+        },
+        "summary": summary,
+        "collapse": collapse,
+        "likelihood": likelihood,
+        "fid": fid_results,
+        "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
+    }
+    result = _clean(result)
+    if write:
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps(result, indent=2, sort_keys=False) + "\n")
+    return result
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sampler_params(name: str) -> list[str]:
+    import inspect
+
+    from arelbo.samplers import SAMPLERS
+
+    return [p for p in inspect.signature(SAMPLERS[name].__init__).parameters if p != "self"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.6g}"
+    return str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable multi-section table of a metrics.json dict."""
+    p, c, lk = result["protocol"], result["collapse"], result["likelihood"]
+    rows: list[tuple[str, str]] = []
+
+    def section(title):
+        rows.append((f"[{title}]", ""))
+
+    section("run")
+    rows += [("run", result["run_dir"]), ("checkpoint", f"{result['checkpoint']['file']} (step {_fmt(result['checkpoint']['step'])})"),
+             ("dataset / split", f"{result['run']['dataset']} / {p['split']} ({p['num_examples']} examples, D={p['num_elements']})"),
+             ("model / policy", f"{result['run']['arch']}, q={c['latent_dim']} / {result['run']['policy']}")]
+    section("collapse")
+    rows += [("active units", f"{c['active_units']} / {c['latent_dim']}  (Var(mu_j) > {p['active_threshold']})"),
+             ("KL total (nats)", _fmt(c["kl_total"])),
+             ("KL per dim", " ".join(_fmt(v, 3) for v in c["kl_per_dim"])),
+             ("I(x;z) (nats)", f"{_fmt(c['mutual_information'])}  (max log N = {_fmt(c['mutual_information_max'])})"),
+             ("smoothness E||df/dz_j||", _fmt(c["smoothness_mean"]) + ("  per dim: " + " ".join(_fmt(v, 3) for v in c["smoothness_per_dim"])
+                                                               if c["smoothness_per_dim"] else ""))]
+    section("likelihood")
+    ne, na, isn = lk["neg_elbo"], lk["neg_elbo_ar"], lk["is_nll"]
+    rows += [("sigma2 (ar, eval set)", _fmt(lk["sigma2_ar"])),
+             (f"-ELBO ({lk['policy']})", f"{_fmt(ne['neg_elbo'])} nats, {_fmt(ne['bits_per_dim'])} bits/dim  [sigma2: {ne['sigma2_source']}]"),
+             ("-ELBO (ar sigma2)", f"{_fmt(na['neg_elbo'])} nats, {_fmt(na['bits_per_dim'])} bits/dim"),
+             (f"IS-NLL (K={p['is_nll']['k']}, n={p['is_nll']['num_examples']})",
+              "-" if isn is None else f"{_fmt(isn['nll'])} +- {_fmt(isn['stderr'], 2)} nats, {_fmt(isn['bits_per_dim'])} bits/dim")]
+    if lk.get("exact_nll"):
+        rows.append(("exact NLL (linear)", f"{_fmt(lk['exact_nll']['nll'])} nats"))
+    rows += [("MSE (posterior mean)", _fmt(lk["mse"])), ("rate / distortion", f"{_fmt(ne['rate'])} / {_fmt(ne['distortion'])}")]
+    if p["samplers"]:
+        section("samples")
+        for name, info in p["samplers"].items():
+            res = result["fid"].get(name, {})
+            if "fid" in res:
+                text = f"FID {_fmt(res['fid'])}"
+                if res.get("kid_mean") is not None:
+                    text += f", KID {_fmt(res['kid_mean'])} +- {_fmt(res.get('kid_std'), 2)}"
+                text += f"  ({res['protocol']['feature_net']}, {res['protocol']['n_generated']} vs {res['protocol']['n_reference']})"
+            elif "error" in res:
+                text = f"FID failed: {res['error']}"
+            elif "skipped" in res:
+                text = f"FID skipped: {res['skipped']}"
+            else:
+                text = "no samples drawn"
+            rows.append((f"{name} ({info['source']})", text))
+    rows.append(("time (s)", _fmt(result["timings_s"].get("total"))))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a}" if a.startswith("[") else f"  {a:<{width}}  {b}" for a, b in rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoints/)")
+    parser.add_argument("--which", default="best", help="checkpoint: best, last, or a file in checkpoints/ (default best)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="evaluation split (default test)")
+    parser.add_argument("--n-samples", type=int, default=10000, help="generated samples per sampler for FID (default 10000)")
+    parser.add_argument("--k", type=int, default=100, help="importance samples per example for the IS-NLL (default 100)")
+    parser.add_argument("--is-examples", type=int, default=1000, help="evaluation examples for the IS-NLL (default 1000; 0: skip)")
+    parser.add_argument("--smoothness-examples", type=int, default=1000, help="examples for decoder smoothness (default 1000)")
+    parser.add_argument("--mi-examples", type=int, default=10000, help="examples whose aggregate posterior defines I(x;z) (default 10000)")
+    parser.add_argument("--sampler", default="prior,gmm", help="comma-separated ex-post samplers: prior, gmm, two-stage (default prior,gmm)")
+    parser.add_argument("--sampler-option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                        help="a sampler option, e.g. gmm.n_components=20 or two-stage.steps=1000 (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID (samplers are still fitted)")
+    parser.add_argument("--feature-net", default=None, help="FID feature network (default: mnist-features for 1x28x28, else inception)")
+    parser.add_argument("--kid", dest="kid", action="store_true", default=None, help="also compute KID (default: when n-samples < 2048)")
+    parser.add_argument("--no-kid", dest="kid", action="store_false")
+    parser.add_argument("--max-examples", type=int, default=None, help="cap evaluation and sampler-fitting examples (quick runs)")
+    parser.add_argument("--fit-examples", type=int, default=None, help="cap the training examples the samplers are fitted on")
+    parser.add_argument("--threshold", type=float, default=0.01, help="active-unit threshold on Var(mu_j) (default 0.01)")
+    parser.add_argument("--sq-err", default="auto", choices=("auto", "sample", "exact", "mean"),
+                        help="how E_q||x - f(z)||^2 is computed for -ELBO and the ar sigma2 (default auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="override the dataset root recorded in the run's config")
+    parser.add_argument("--refit-samplers", action="store_true", help="refit samplers even when a saved fit matches")
+    parser.add_argument("--no-write", action="store_true", help="do not write metrics.json or sampler files")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--json", action="store_true", help="print the metrics JSON instead of the table")
+
+
+def parse_sampler_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        head, sep, raw = item.partition("=")
+        name, dot, key = head.rpartition(".")
+        if not sep or not dot or not name or not key:
+            raise ValueError(f"--sampler-option {item!r}: expected NAME.KEY=VALUE, e.g. gmm.n_components=20")
+        out.setdefault(name, {})[key] = yaml.safe_load(raw)
+    return out
+
+
+def run(args) -> int:
+    result = evaluate_run(
+        args.run_dir,
+        which=args.which,
+        split=args.split,
+        n_samples=args.n_samples,
+        k=args.k,
+        samplers=args.sampler,
+        sampler_options=parse_sampler_options(args.sampler_option),
+        batch_size=args.batch_size,
+        fid=not args.no_fid,
+        feature_net=args.feature_net,
+        kid=args.kid,
+        max_examples=args.max_examples,
+        fit_examples=args.fit_examples,
+        is_examples=args.is_examples,
+        smoothness_examples=args.smoothness_examples,
+        mi_examples=args.mi_examples,
+        threshold=args.threshold,
+        sq_err=args.sq_err,
+        seed=args.seed,
+        device=args.device,
+        data_root=args.data_root,
+        refit_samplers=args.refit_samplers,
+        write=not args.no_write,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        if not args.no_write:
+            print(f"\nwrote {Path(args.run_dir) / METRICS_FILE}")
+    return 0

@@ -1,0 +1,363 @@
+"""Likelihoods of a Gaussian VAE on an evaluation set: -ELBO (nats, bits/dim) and the importance-sampled NLL.
+
+**-ELBO with sigma2 estimated on the evaluation set.** For a decoder variance sigma2 the mean -ELBO over N
+examples with D elements each is (S_d = sum_n E_q (x_nd - f_d(z))^2, KL_n the rate of example n)
+
+    isotropic:  sum_d S_d / (2 sigma2 N) + (D/2) log(2 pi sigma2) + mean_n KL_n
+    diagonal:   sum_d [S_d / (2 sigma2_d N) + 1/2 log(2 pi sigma2_d)] + mean_n KL_n
+
+so one pass that accumulates S_d, the KL per dimension and (for the per-sample rule) the per-example log
+squared error gives the -ELBO at *any* sigma2 afterwards, including the ar-type maximum-likelihood values that
+depend on the whole set: ``ar`` (and ``ar-ema``) sigma2 = sum_d S_d / (N D), where the -ELBO becomes
+(D/2)(log(2 pi sigma2) + 1) + KL; ``ar-diagonal`` sigma2_d = S_d / N; ``ar-per-sample`` sigma2_n = ||x_n - f||^2 / D.
+Fixed, beta and learned policies use their own sigma2. That is :class:`ELBOAccumulator`; no second pass is needed.
+
+**Importance-sampled NLL.** -log p(x) ~= -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound
+in expectation that tightens as K grows and equals -log p(x) exactly for any K when q(z|x) is the true posterior.
+K = 1 is a one-sample estimate of -ELBO. Computed as a stable running log-sum-exp in float64 over chunks of the K
+samples, so memory is bounded whatever K is.
+
+**Bits per dimension** = nats / (D ln 2), for the data on the scale it was given (images in [0, 1] as continuous
+values; this is not the discrete 8-bit likelihood of dequantised pixels).
+
+**Exact reference.** For a linear decoder f(z) = W z + b, p(x) = N(b, W W^T + diag(sigma2)) in closed form:
+:func:`linear_gaussian_nll`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from arelbo.metrics.collapse import _model_device, _randn, batch_sq_err, iterate_batches
+
+__all__ = [
+    "ELBOAccumulator",
+    "ELBOResult",
+    "ISResult",
+    "neg_elbo",
+    "importance_sampled_nll",
+    "importance_sampled_nll_dataset",
+    "linear_gaussian_nll",
+    "linear_vae_exact_nll",
+    "bits_per_dim",
+    "resolve_sigma2",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+LN2 = math.log(2.0)
+
+ISOTROPIC_MLE = ("ar", "ar-ema")  # evaluated with the eval-set isotropic maximum-likelihood sigma2
+DIAGONAL_MLE = ("ar-diagonal",)
+PER_SAMPLE_MLE = ("ar-per-sample",)
+GIVEN = ("fixed", "beta", "learned")  # the policy's own sigma2
+
+
+def bits_per_dim(nats, num_elements: int):
+    """nats per example -> bits per observed element."""
+    return nats / (num_elements * LN2)
+
+
+@dataclass(frozen=True)
+class ELBOResult:
+    neg_elbo: float  # mean -ELBO per example, nats
+    bits_per_dim: float
+    sigma2: float | list[float] | None  # scalar, (D,) list, or None (per-sample: see sigma2_mean)
+    sigma2_mean: float  # arithmetic mean of the sigma2 entries used (per-sample: geometric mean over examples)
+    sigma2_source: str  # e.g. "eval-set MLE, isotropic (ar)", "policy fixed", "given"
+    distortion: float  # mean over examples of sum_d E_q (x_d - f_d(z))^2
+    rate: float  # mean KL(q(z|x) || p(z)), nats
+    kl_per_dim: list[float]
+    num_examples: int
+    num_elements: int
+    sq_err_mode: str  # how E_q (x - f(z))^2 was computed: "exact", "sample" or "mean"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ELBOAccumulator:
+    """One pass of sums from which :meth:`result` gives the mean -ELBO at any sigma2 (see the module docstring).
+
+    ``update(sq_err, mu, logvar)`` with elementwise squared errors (B, D) (an estimate of, or exactly,
+    E_q (x - f(z))^2) and the posterior parameters (B, q). Sums are kept in float64 on the CPU.
+    """
+
+    def __init__(self, per_sample_floor: float = 1e-6):
+        self.per_sample_floor = float(per_sample_floor)
+        self.num_examples = 0
+        self.sq_err_sum: Tensor | None = None  # (D,) S_d
+        self.kl_sum: Tensor | None = None  # (q,)
+        self.per_sample_log_sigma2_sum = 0.0  # sum_n log max(||x_n - f||^2 / D, floor)
+        self.per_sample_data_sum = 0.0  # sum_n ||x_n - f||^2 / (2 sigma2_n)
+        self.sq_err_mode = "given"
+
+    def update(self, sq_err: Tensor, mu: Tensor, logvar: Tensor) -> None:
+        if sq_err.dim() != 2 or mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
+            raise ValueError(f"need sq_err (B, D) and mu, logvar (B, q); got {tuple(sq_err.shape)}, {tuple(mu.shape)}, {tuple(logvar.shape)}")
+        sq = sq_err.detach().double().cpu()
+        kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - logvar.double() - 1.0)
+        per = sq.sum(1)
+        s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)
+        if self.sq_err_sum is None:
+            self.sq_err_sum, self.kl_sum = sq.sum(0), kl.sum(0).cpu()
+        else:
+            self.sq_err_sum += sq.sum(0)
+            self.kl_sum += kl.sum(0).cpu()
+        self.per_sample_log_sigma2_sum += float(s2.log().sum())
+        self.per_sample_data_sum += float((per / (2 * s2)).sum())
+        self.num_examples += sq.shape[0]
+
+    @property
+    def num_elements(self) -> int:
+        self._check()
+        return int(self.sq_err_sum.numel())
+
+    def _check(self):
+        if self.sq_err_sum is None:
+            raise ValueError("no examples accumulated")
+
+    def ar_sigma2(self, diagonal: bool = False) -> Tensor:
+        """The eval-set maximum-likelihood sigma2: scalar sum S_d / (N D), or (D,) S_d / N (no floor)."""
+        self._check()
+        per_dim = self.sq_err_sum / self.num_examples
+        return per_dim if diagonal else per_dim.mean()
+
+    def result(self, sigma2, floor: float = 1e-6, source: str | None = None) -> ELBOResult:
+        """-ELBO at ``sigma2``: a policy name / DecoderVariance / GaussianVAELoss (ar-type policies get their
+        eval-set MLE), a positive number, a () or (D,) tensor. See :func:`resolve_sigma2`."""
+        self._check()
+        n, d = self.num_examples, self.num_elements
+        kl_mean = self.kl_sum / n
+        rate = float(kl_mean.sum())
+        value, kind, auto_source = resolve_sigma2(sigma2, self, floor)
+        if kind == "per-sample":
+            data = (self.per_sample_data_sum + 0.5 * d * (n * LOG_2PI + self.per_sample_log_sigma2_sum)) / n
+            sigma2_out, sigma2_mean = None, math.exp(self.per_sample_log_sigma2_sum / n)  # geometric mean
+        elif kind == "isotropic":
+            s = value.double()
+            data = float(self.sq_err_sum.sum() / (2 * s * n) + 0.5 * d * (LOG_2PI + torch.log(s)))
+            sigma2_out = sigma2_mean = float(s)
+        else:  # diagonal
+            s = value.double().cpu()
+            if s.shape != (d,):
+                raise ValueError(f"diagonal sigma2 must have shape ({d},), got {tuple(s.shape)}")
+            data = float((self.sq_err_sum / (2 * s * n) + 0.5 * (LOG_2PI + torch.log(s))).sum())
+            sigma2_out, sigma2_mean = s.tolist(), float(s.mean())
+        total = data + rate
+        return ELBOResult(
+            neg_elbo=total,
+            bits_per_dim=bits_per_dim(total, d),
+            sigma2=sigma2_out,
+            sigma2_mean=sigma2_mean,
+            sigma2_source=source or auto_source,
+            distortion=float(self.sq_err_sum.sum() / n),
+            rate=rate,
+            kl_per_dim=kl_mean.tolist(),
+            num_examples=n,
+            num_elements=d,
+            sq_err_mode=self.sq_err_mode,
+        )
+
+
+def resolve_sigma2(spec, acc: ELBOAccumulator | None = None, floor: float = 1e-6) -> tuple[Tensor | None, str, str]:
+    """Turn a sigma2 spec into (value, kind, description); kind is "isotropic", "diagonal" or "per-sample".
+
+    ``spec``: a positive number or () tensor (isotropic), a (D,) tensor (diagonal), a policy name, a
+    :class:`~arelbo.objectives.DecoderVariance` or a :class:`~arelbo.objectives.GaussianVAELoss`. Policies:
+    ``ar``/``ar-ema`` -> eval-set isotropic MLE; ``ar-diagonal`` -> eval-set diagonal MLE; ``ar-per-sample`` ->
+    per-example MLE; ``fixed``/``beta``/``learned`` -> the policy's own value; any other policy -> the eval-set
+    isotropic MLE (said so in the description). MLE values are floored at the policy's floor (or ``floor``).
+    """
+    from arelbo.objectives import DecoderVariance, GaussianVAELoss, make_policy
+
+    if isinstance(spec, GaussianVAELoss):
+        spec = spec.policy
+    if isinstance(spec, str):
+        spec = make_policy(spec, floor=floor)
+    if isinstance(spec, DecoderVariance):
+        name, floor = spec.name, spec.floor
+        if name in GIVEN:
+            with torch.no_grad():
+                value = spec.sigma2(torch.zeros(1, 1, dtype=torch.float64)).detach().double().cpu()
+            return value, "isotropic", f"policy {name} (its own sigma2)"
+        if acc is None:
+            raise ValueError(f"policy {name!r} estimates sigma2 from data: an evaluation-set accumulator is needed")
+        if name in DIAGONAL_MLE:
+            return acc.ar_sigma2(diagonal=True).clamp_min(floor), "diagonal", f"eval-set MLE, diagonal ({name})"
+        if name in PER_SAMPLE_MLE:
+            if floor != acc.per_sample_floor:
+                raise ValueError(f"per-sample floor {floor} differs from the accumulator's {acc.per_sample_floor}")
+            return None, "per-sample", f"eval-set MLE per example ({name})"
+        note = "" if name in ISOTROPIC_MLE else f"; policy {name!r} has no eval rule, isotropic MLE used"
+        return acc.ar_sigma2().clamp_min(floor), "isotropic", f"eval-set MLE, isotropic ({name}){note}"
+    value = torch.as_tensor(spec, dtype=torch.float64).detach().cpu()
+    if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        raise ValueError(f"sigma2 must be positive and finite, got {spec!r}")
+    if value.dim() == 0:
+        return value, "isotropic", "given"
+    if value.dim() == 1:
+        return value, "diagonal", "given"
+    raise ValueError(f"sigma2 must be a scalar or a (D,) tensor, got shape {tuple(value.shape)}")
+
+
+def neg_elbo(
+    model,
+    loader: Iterable,
+    sigma2="ar",
+    sq_err: str = "auto",
+    generator: torch.Generator | None = None,
+    max_examples: int | None = None,
+    progress: bool | str = False,
+) -> ELBOResult:
+    """Mean -ELBO (nats and bits/dim) of ``model`` on the examples of ``loader``, one pass under inference mode.
+
+    ``sigma2``: a policy (name, DecoderVariance or the run's GaussianVAELoss) or a value, see
+    :func:`resolve_sigma2`; ar-type policies get sigma2 estimated on this evaluation set. ``sq_err``: how
+    E_q (x - f(z))^2 is computed (:func:`arelbo.metrics.collapse.batch_sq_err`: auto = exact for a LinearVAE,
+    else one reparameterised sample per example).
+    """
+    acc = ELBOAccumulator()
+    device = _model_device(model)
+    mode = sq_err
+    if mode == "auto":
+        mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
+    with torch.inference_mode():
+        for x in iterate_batches(loader, device, max_examples, progress):
+            mu, logvar = model.encode(x)
+            acc.update(batch_sq_err(model, x, mode, generator, (mu, logvar)), mu, logvar)
+    acc.sq_err_mode = mode
+    return acc.result(sigma2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Importance sampling
+
+
+def _sigma2_rows(sigma2, batch: int, dim: int, device) -> Tensor:
+    """sigma2 as a float64 tensor broadcastable against (K, B, D): (), (D,) or per-example (B, 1)."""
+    s = torch.as_tensor(sigma2, dtype=torch.float64).detach().to(device)
+    if s.dim() == 0 or (s.dim() == 1 and s.shape[0] == dim):
+        pass
+    elif s.dim() == 2 and s.shape == (batch, 1):
+        pass
+    else:
+        raise ValueError(f"sigma2 must be a scalar, (D,) = ({dim},) or per-example (B, 1) = ({batch}, 1); got {tuple(s.shape)}")
+    if not bool((s > 0).all()):
+        raise ValueError("sigma2 must be positive")
+    return s
+
+
+def importance_sampled_nll(
+    model,
+    x: Tensor,
+    sigma2,
+    k: int = 100,
+    generator: torch.Generator | None = None,
+    k_chunk: int | None = None,
+    max_elements: int = 1 << 24,
+) -> Tensor:
+    """(B,) importance-sampled -log p(x) in nats with ``k`` samples from q(z|x) (see the module docstring).
+
+    ``sigma2``: scalar, (D,), or per-example (B, 1). The K samples go through the decoder ``k_chunk`` at a time
+    (default: as many as fit ``max_elements`` decoded values), accumulated by a running log-sum-exp in float64.
+    Runs under inference mode.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    with torch.inference_mode():
+        mu, logvar = model.encode(x)
+        b, q = mu.shape
+        x_flat = x.flatten(1).double()
+        d = x_flat.shape[1]
+        s = _sigma2_rows(sigma2, b, d, x.device)
+        log_det = (torch.log(s).sum() if s.dim() == 1 else d * torch.log(s).reshape(-1))  # () or (B,)
+        const = -0.5 * (d * LOG_2PI + log_det)
+        std = (0.5 * logvar).exp()
+        if k_chunk is None:
+            k_chunk = max(1, min(k, max_elements // max(1, b * d)))
+        running = None
+        done = 0
+        while done < k:
+            kc = min(k_chunk, k - done)
+            eps = _randn((kc, b, q), generator, mu.dtype, mu.device)
+            z = mu + std * eps  # (kc, B, q)
+            x_hat = model.decode(z.reshape(kc * b, q)).reshape(kc, b, d).double()
+            resid2 = (x_flat - x_hat).pow(2)
+            data = (resid2 / s).sum(2) if s.dim() == 1 else resid2.sum(2) / s.reshape(-1)
+            log_px = const - 0.5 * data  # (kc, B)
+            log_pz = -0.5 * (z.double().pow(2).sum(2) + q * LOG_2PI)
+            log_qz = -0.5 * (eps.double().pow(2).sum(2) + logvar.double().sum(1) + q * LOG_2PI)
+            chunk = torch.logsumexp(log_px + log_pz - log_qz, dim=0)
+            running = chunk if running is None else torch.logaddexp(running, chunk)
+            done += kc
+        return -(running - math.log(k))
+
+
+@dataclass(frozen=True)
+class ISResult:
+    nll: float  # mean importance-sampled -log p(x), nats per example
+    bits_per_dim: float
+    stderr: float  # standard error of the mean over examples (spread across x, not the IS bias)
+    k: int
+    num_examples: int
+    num_elements: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def importance_sampled_nll_dataset(
+    model,
+    loader: Iterable,
+    sigma2,
+    k: int = 100,
+    generator: torch.Generator | None = None,
+    max_examples: int | None = None,
+    progress: bool | str = False,
+    k_chunk: int | None = None,
+) -> ISResult:
+    """:func:`importance_sampled_nll` averaged over a loader's examples (``sigma2`` scalar or (D,))."""
+    device = _model_device(model)
+    values = []
+    for x in iterate_batches(loader, device, max_examples, progress):
+        values.append(importance_sampled_nll(model, x, sigma2, k, generator, k_chunk).cpu())
+    if not values:
+        raise ValueError("the loader yielded no examples")
+    v = torch.cat(values)
+    d = int(math.prod(x.shape[1:]))
+    mean = float(v.mean())
+    stderr = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return ISResult(mean, bits_per_dim(mean, d), stderr, int(k), len(v), d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exact linear-Gaussian reference
+
+
+def linear_gaussian_nll(x: Tensor, W: Tensor, sigma2, bias: Tensor | None = None) -> Tensor:
+    """(B,) exact -log N(x; b, W W^T + diag(sigma2)) in nats (float64), x (B, D) or (B, ...), W (D, q)."""
+    x = x.flatten(1).double()
+    W = W.detach().double().to(x.device)
+    d = W.shape[0]
+    if x.shape[1] != d:
+        raise ValueError(f"x has {x.shape[1]} elements per example but W has {d} rows")
+    s = torch.as_tensor(sigma2, dtype=torch.float64, device=x.device).detach()
+    cov = W @ W.T + (torch.diag(s) if s.dim() == 1 else s * torch.eye(d, dtype=torch.float64, device=x.device))
+    if bias is not None:
+        x = x - bias.detach().double().to(x.device)
+    chol = torch.linalg.cholesky(cov)
+    sol = torch.linalg.solve_triangular(chol, x.T, upper=False)  # (D, B)
+    maha = sol.pow(2).sum(0)
+    log_det = 2.0 * torch.log(torch.diagonal(chol)).sum()
+    return 0.5 * (maha + log_det + d * LOG_2PI)
+
+
+def linear_vae_exact_nll(model, x: Tensor, sigma2) -> Tensor:
+    """(B,) exact -log p(x) of a :class:`~arelbo.models.LinearVAE` (decoder W z + b) at decoder variance sigma2."""
+    lin = model.decoder.linear
+    return linear_gaussian_nll(x, lin.weight, sigma2, lin.bias)
