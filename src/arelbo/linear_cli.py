@@ -38,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mc-steps", type=int, default=500,
                         help="Adam steps of the Monte-Carlo (reparameterised forward) 'ar' fit; 0 skips it "
                         "(default: %(default)s)")
+    parser.add_argument("--plot", metavar="FILE", help="also write a PNG: active units against sigma2, theory (steps "
+                        "at the eigenvalues) vs exact fits on a log grid, and ar's sigma2 vs the pPCA value")
+
+
+def _plot(args, eigs, q: int) -> None:
+    """``--plot FILE``: the linear picture (:func:`arelbo.report.plot_linear_active_units`)."""
+    from arelbo.report import linear_active_units_curve, plot_linear_active_units
+
+    curve = linear_active_units_curve(eigs, q, n=args.n, seed=args.seed, steps=args.steps)
+    print(f"wrote {plot_linear_active_units(curve, args.plot)} (active units at {len(curve['sigma2'])} sigma2 values; "
+          f"ar sigma2 {curve['ar_sigma2']:.6g} vs pPCA {curve['ppca_sigma2']:.6g})")
 
 
 def _vec(values, fmt: str = "{:7.4f}") -> str:
@@ -133,5 +144,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  FA uniquenesses   : {_vec(fa.noise_variance_)}   max|diff| {np.abs(s2_d - fa.noise_variance_).max():.1e}"
               f" (FA EM stopped after {fa.n_iter_} iterations)")
         print(f"  true psi          : {_vec(psi)}")
+        if args.plot:
+            _plot(args, eigs, q)
     print(f"\n({time.perf_counter() - start:.1f} s)")
     return 0

@@ -1,0 +1,141 @@
+"""Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, and GFLOP/s vs peak.
+
+    python benchmarks/bench_train.py [--preset mnist-conv] [--steps 60] [--repeats 5] [--out docs/benchmarks.json]
+
+Everything is measured in this one process, interleaved, and reported as medians of repeats and ratios of medians
+(timings on a shared machine are noisy: compare only numbers from one run). Results go to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from arelbo.config import load_config
+from arelbo.data import load_dataset, to_float
+from arelbo.models import build_model
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 7) -> float:
+    """Measured float32 matmul throughput: the practical compute ceiling of this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        times.append((time.perf_counter() - t0) / 4)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def make_step(cfg, shape, policy: str, sigma2: float = 1.0):
+    """A bare training step: the few lines a user would write around the library's loss."""
+    from arelbo.objectives import GaussianVAELoss
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model, shape)
+    kwargs = {"sigma2": sigma2} if policy == "fixed" else {}
+    loss_fn = GaussianVAELoss(policy, check_finite=False, **kwargs)
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr)
+
+    def step(x):
+        out = model(x)
+        loss = loss_fn(x, out.x_hat, out.mu, out.logvar).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def time_steps(step, batches) -> float:
+    """Seconds per step over the given batches (after one warm-up step)."""
+    step(batches[0])
+    t0 = time.perf_counter()
+    for x in batches:
+        step(x)
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def flops_per_step(step, x) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(x)
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="mnist-conv")
+    parser.add_argument("--steps", type=int, default=60, help="training steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = load_config(preset=args.preset)
+    splits = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+    bs = cfg.data.batch_size
+    n = args.steps * bs
+    data = to_float(splits.train[:n])
+    batches = list(data.split(bs))[: args.steps]
+
+    results = {"preset": args.preset, "batch_size": bs, "steps": args.steps, "repeats": args.repeats}
+    bare_ar, bare_fixed, pipeline = [], [], []
+    steps = {"ar": make_step(cfg, splits.shape, "ar"), "fixed": make_step(cfg, splits.shape, "fixed")}
+    pipeline_fn = _pipeline_runner(cfg, splits, args.steps)
+    for _ in range(args.repeats):  # interleaved so drifts in machine load hit all variants alike
+        bare_ar.append(time_steps(steps["ar"], batches))
+        bare_fixed.append(time_steps(steps["fixed"], batches))
+        if pipeline_fn is not None:
+            pipeline.append(pipeline_fn())
+
+    med = statistics.median
+    results["bare_ar_images_per_s"] = bs / med(bare_ar)
+    results["bare_fixed_images_per_s"] = bs / med(bare_fixed)
+    results["ar_overhead_vs_fixed"] = med(bare_ar) / med(bare_fixed) - 1
+    results["ar_overhead_vs_fixed_per_repeat"] = [a / f - 1 for a, f in zip(bare_ar, bare_fixed)]
+    if pipeline:
+        results["pipeline_images_per_s"] = bs / med(pipeline)
+        results["pipeline_vs_bare"] = med(bare_ar) / med(pipeline)
+    flops = flops_per_step(steps["ar"], batches[0])
+    results["gflop_per_step"] = flops / 1e9
+    results["achieved_gflops"] = flops / med(bare_ar) / 1e9
+    results["matmul_peak_gflops"] = matmul_peak_gflops()
+    results["fraction_of_peak"] = results["achieved_gflops"] / results["matmul_peak_gflops"]
+    results["torch"] = torch.__version__
+    results["threads"] = torch.get_num_threads()
+    results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def _pipeline_runner(cfg, splits, steps):
+    """Seconds per step of the real pipeline (arelbo.train) on the same model, data and batch size."""
+    try:
+        from arelbo.train import benchmark_steps  # noqa: F401
+    except ImportError:
+        return None
+
+    def run() -> float:
+        return benchmark_steps(cfg, splits, steps)
+
+    return run
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""``arelbo compare`` and ``arelbo sweep``: train, evaluate and report a study (:mod:`arelbo.study`).
+
+Both commands share this module; ``add_arguments`` tells them apart by the parser's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+SCALE_HELP = """\
+scales:
+  default (CPU)  {cpu}
+  --paper        {paper}
+Explicit --seeds, --epochs, --steps-per-epoch, --eval-samples and --set override either scale.
+Budget of the default scale, measured on the project's 2-core machine (mnist-conv, the default 9 policies,
+1 seed): {budget}"""
+
+# Measured; see the module arelbo.study (CPU_* constants) and the lead's docs/results. Kept in one place.
+CPU_BUDGET = ("one run (training + evaluation) takes about 4-5 minutes, 8 training runs (two-stage shares "
+              "learned's) about 40 minutes in total, within the 60-minute budget.")
+
+COMPARE_EPILOG = """\
+policy specs (--policies, comma-separated):
+  fixed:S          fixed decoder variance sigma^2 = S (fixed:1 is the classic VAE)
+  beta:B           beta-VAE, beta = B
+  learned[:S0]     sigma^2 learned by gradient (Dai & Wipf's gamma / sigma-VAE), initialised at S0 (default 1)
+  two-stage[:S0]   Dai & Wipf's two-stage VAE: the learned[:S0] run, generating through a second VAE on its
+                   codes (shares the training run of learned[:S0])
+  ar, ar-diagonal, ar-per-sample, ar-ema[:M]   AR-ELBO and its variants (M: EMA momentum)
+Every policy but two-stage generates with the prior sampler for FID (--gmm adds a GMM column).
+
+output:
+  DIR/study.json      the plan: resolved base config, runs, evaluation options, the command
+  DIR/runs/<policy>-s<seed>/   one run directory per (training policy, seed)
+  DIR/results.json    every number, per run and aggregated (mean +- std over seeds)
+  DIR/report.md, DIR/report.html (self-contained), DIR/figures/*.png
+Rerunning the same command continues an interrupted study: finished and evaluated runs are reused untouched,
+interrupted ones resumed from checkpoints/last.pt, trained-but-not-evaluated ones evaluated.
+
+CelebA: --preset celeba64-conv --set data.root=/path/to/celeba --no-fid (the project's FID feature network is
+MNIST-only; the FID column then shows n/a with the reason).
+
+"""
+
+EXAMPLES = {
+    "compare": """examples:
+  arelbo compare --preset mnist-conv --out studies/mnist            # the default study (9 policies, seed 0)
+  arelbo compare --preset mnist-conv --out studies/mnist --jobs 2   # two runs side by side, 1 thread each
+  arelbo compare --preset mnist-conv --policies fixed:1,ar --seeds 0,1,2 --out studies/mnist-small
+  arelbo compare --preset mnist-conv --paper --set train.accelerator=gpu --out studies/mnist-paper
+""",
+    "sweep": """examples:
+  arelbo sweep --preset mnist-conv --out studies/mnist-sweep
+  arelbo sweep --preset mnist-conv --out studies/mnist-sweep --runs-dir studies/mnist/runs  # reuse compare's runs
+""",
+}
+
+
+def _kind(parser: argparse.ArgumentParser) -> str:
+    return "sweep" if parser.prog.split()[-1] == "sweep" else "compare"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from arelbo.study import DEFAULT_POLICIES, DEFAULT_SWEEP_SIGMA2, SCALES, _num
+
+    kind = _kind(parser)
+    parser.set_defaults(_study_kind=kind)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    wrap = lambda s: "\n".join(textwrap.wrap(s, 110, subsequent_indent="                 "))  # noqa: E731
+    parser.epilog = (COMPARE_EPILOG + SCALE_HELP.format(cpu=wrap(SCALES["cpu"].why), paper=wrap(SCALES["paper"].why),
+                                                        budget=wrap(CPU_BUDGET)) + "\n\n" + EXAMPLES[kind])
+    parser.add_argument("--preset", metavar="NAME", help="a named configuration (mnist-conv, mnist-mlp, celeba64-conv, "
+                        "linear-gaussian); default mnist-conv unless --config is given")
+    parser.add_argument("--config", metavar="FILE", help="a YAML config applied over the preset")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="override a setting of every run, e.g. --set model.latent_dim=32 (repeatable; not "
+                        "objective.policy or train.seed: those are what the study varies)")
+    if kind == "compare":
+        parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES), metavar="LIST",
+                            help="comma-separated policy specs (default: %(default)s)")
+    else:
+        parser.add_argument("--sigma2", default=",".join(_num(s) for s in DEFAULT_SWEEP_SIGMA2), metavar="LIST",
+                            help="the fixed sigma^2 grid (default: %(default)s)")
+        parser.add_argument("--reference", default="ar", metavar="LIST",
+                            help="policies trained beside the grid; the first ar-type one's final sigma^2 is marked "
+                            "on the plots (default: %(default)s)")
+    parser.add_argument("--seeds", metavar="LIST", help="seeds, e.g. 0,1,2 or 0-2 (default: 0; --paper: 0,1,2)")
+    parser.add_argument("--out", metavar="DIR", required=True, help="the study folder")
+    parser.add_argument("--runs-dir", metavar="DIR", help="where the run directories go (default: DIR/runs); point "
+                        "two studies at the same one to share runs with identical configs")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs side by side as subprocesses, each with cores/N torch threads (default: 1, "
+                        "one after the other in this process)")
+    parser.add_argument("--paper", action="store_true", help="the paper scale (see below); for GPUs")
+    parser.add_argument("--epochs", type=int, metavar="N", help="training epochs of every run (overrides the scale)")
+    parser.add_argument("--steps-per-epoch", type=int, metavar="N",
+                        help="batches per epoch (train.limit_train_batches; 0: full epochs; overrides the scale)")
+    parser.add_argument("--eval-samples", type=int, metavar="N", help="generated samples per sampler for FID")
+    parser.add_argument("--eval-examples", type=int, metavar="N",
+                        help="cap on evaluation-split examples (0: all, the default)")
+    parser.add_argument("--is-examples", type=int, metavar="N", help="examples for the IS-NLL (0: skip)")
+    parser.add_argument("--k", type=int, metavar="K", help="importance samples per example for the IS-NLL")
+    parser.add_argument("--two-stage-steps", type=int, metavar="N", help="Adam steps of the two-stage sampler's "
+                        "second VAE")
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                        help="which checkpoint is evaluated (default: last, the end of the equal training budget)")
+    parser.add_argument("--gmm", action="store_true", default=None, help="also judge every policy with a GMM sampler")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID (e.g. CelebA: no feature network here)")
+    parser.add_argument("--retry-failed", action="store_true", help="retry runs that failed in an earlier invocation")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and each run's state, do nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild results.json and the report from the runs there, train nothing")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _command(args: argparse.Namespace, kind: str) -> str:
+    """The command line of this study: as typed when run from a shell, else rebuilt from the parsed arguments."""
+    import shlex
+
+    from pathlib import Path
+
+    if sys.argv[1:2] == [kind] and Path(sys.argv[0]).name in ("arelbo", "cli.py", "__main__.py"):
+        return "arelbo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    parts = ["arelbo", kind]
+    for key, value in vars(args).items():
+        if key.startswith("_") or key in ("command", "dry_run", "report_only") or value is None or value is False or value == []:
+            continue
+        flag = "--set" if key == "overrides" else "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            parts += [flag] if v is True else [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def build_plan(args: argparse.Namespace, kind: str | None = None):
+    from arelbo.study import parse_floats, plan_study, sweep_policies
+
+    kind = kind or getattr(args, "_study_kind", "compare")
+    preset = args.preset or (None if args.config else "mnist-conv")
+    if kind == "sweep":
+        policies = sweep_policies(parse_floats(args.sigma2), args.reference)
+    else:
+        policies = args.policies
+    eval_options = {}
+    if args.eval_samples is not None:
+        eval_options["n_samples"] = args.eval_samples
+    if args.eval_examples is not None:
+        eval_options["max_examples"] = args.eval_examples or None
+    if args.is_examples is not None:
+        eval_options["is_examples"] = args.is_examples
+    if args.k is not None:
+        eval_options["k"] = args.k
+    if args.two_stage_steps is not None:
+        eval_options["two_stage_steps"] = args.two_stage_steps
+    if args.gmm:
+        eval_options["gmm"] = True
+    if args.no_fid:
+        eval_options["fid"] = False
+    eval_options["checkpoint"] = args.checkpoint
+    return plan_study(policies, args.seeds, args.out, preset=preset, config_file=args.config,
+                      overrides=args.overrides, scale="paper" if args.paper else "cpu", epochs=args.epochs,
+                      steps_per_epoch=args.steps_per_epoch, eval_options=eval_options, runs_dir=args.runs_dir,
+                      kind=kind, command=_command(args, kind))
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from arelbo.study import StudyInterrupted, collect_results, run_state, run_study
+
+    plan = build_plan(args)
+    if args.dry_run:
+        print(json.dumps({k: v for k, v in plan.to_dict().items() if k != "base_config"}, indent=2))
+        print("\nbase config:\n" + plan.base_config.to_yaml())
+        for r in plan.runs:
+            state, detail = run_state(r, plan.eval)
+            print(f"  {r.name:<24} {state:<9} {detail}")
+        return 0
+    if args.report_only:
+        from arelbo.report import write_report
+        from arelbo.runs import atomic_write_text
+
+        results = collect_results(plan)
+        atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")
+        md, html = write_report(results, plan.out)
+        print(f"wrote {plan.out / 'results.json'}, {md}, {html}")
+        return 0
+    try:
+        results = run_study(plan, jobs=args.jobs, progress=not args.quiet and sys.stderr.isatty())
+    except StudyInterrupted as err:
+        print(f"arelbo {plan.kind}: {err}", file=sys.stderr)
+        return 130
+    from arelbo.report import table_rows
+
+    header, rows, notes = table_rows(results)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for i, n in enumerate(notes):
+        print(f"[{i + 1}] n/a: {n}")
+    print(f"\nwrote {plan.out / 'results.json'}, {plan.out / 'report.md'}, {plan.out / 'report.html'}")
+    failed = sum(p["n_failed"] for p in results["policies"])
+    if failed:
+        print(f"{failed} run(s) failed (see the report); rerun with --retry-failed to try them again", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,282 @@
+"""Study reports: a tiny image study (28x28 npz, FID with the MNIST feature net) end to end through the CLI, the
+self-contained HTML (parsed: balanced tags, every image a data: URI, nothing external, text escaped), CelebA
+through the same commands (generated JPEGs and the 32 real sample images, no FID), the linear picture, and a
+headless-Chromium screenshot (slow; skipped without chromium)."""
+
+import base64
+import json
+import math
+import shlex
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lightning")
+pytest.importorskip("matplotlib")
+
+from arelbo.cli import main  # noqa: E402
+from arelbo.report import format_cell, render_html, table_rows  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CELEBA_SAMPLE = Path("/work/shared/data/celeba-sample")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def _sets(*items):
+    return [a for item in items for a in ("--set", item)]
+
+
+QUICK_EVAL = ["--is-examples", "8", "--k", "4", "--two-stage-steps", "20", "--eval-examples", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def image_study(tmp_path_factory):
+    """fixed:1, fixed:0.01, ar and two-stage (sharing learned's run) x seeds 0, 1 on 28x28 uint8 images."""
+    tmp = tmp_path_factory.mktemp("image-study")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ARELBO_CACHE_DIR", str(tmp / "cache"))  # FID reference features: not into the home folder
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:28, :28]
+    blobs = [np.exp(-((xx - rng.uniform(6, 22)) ** 2 + (yy - rng.uniform(6, 22)) ** 2) / rng.uniform(8, 30))
+             for _ in range(150)]
+    images = (np.stack(blobs) * 255).astype(np.uint8)
+    np.savez(tmp / "blobs.npz", train=images[:100], val=images[100:120], test=images[120:])
+    out = tmp / "study"
+    argv = ["compare", "--preset", "mnist-conv", "--policies", "fixed:1,fixed:0.01,ar,two-stage", "--seeds", "0,1",
+            "--out", str(out), "--epochs", "1", "--steps-per-epoch", "3", "--eval-samples", "24",
+            *_sets("data.name=npz", f"data.root={tmp / 'blobs.npz'}", "data.batch_size=16", "data.eval_batch_size=20",
+                   "model.hidden=[8,16]", "model.latent_dim=4", "train.log_every_n_steps=1"),
+            "--set", "train.n_samples=0", *QUICK_EVAL]
+    try:
+        assert main(argv) == 0
+        yield out
+    finally:
+        mp.undo()
+
+
+class Checker(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.imgs, self.refs, self.text = [], [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a.get("src", ""))
+        for key in ("href", "src", "action", "data"):
+            if key in a and tag != "img":
+                self.refs.append((tag, key, a[key]))
+        if tag in ("script", "link", "iframe", "object", "embed"):
+            self.errors.append(f"<{tag}> not allowed in a self-contained report")
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def check_html(text: str) -> Checker:
+    c = Checker()
+    c.feed(text)
+    c.close()
+    assert not c.errors, c.errors
+    assert not c.stack, f"unclosed tags: {c.stack}"
+    assert text.startswith("<!DOCTYPE html>")
+    for src in c.imgs:
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG_MAGIC)
+    for tag, key, value in c.refs:
+        assert value.startswith("#"), f"external reference <{tag} {key}={value!r}>"
+    assert "url(" not in text and "@import" not in text  # no CSS-loaded assets either
+    return c
+
+
+def test_image_study_writes_results_figures_and_reports(image_study):
+    out = image_study
+    for name in ("study.json", "results.json", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    by = {p["spec"]: p for p in res["policies"]}
+    assert list(by) == ["fixed:1", "fixed:0.01", "ar", "two-stage"]
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.is_dir()) == [
+        "ar-s0", "ar-s1", "fixed-0.01-s0", "fixed-0.01-s1", "fixed-1-s0", "fixed-1-s1", "learned-s0", "learned-s1"]
+    for p in by.values():
+        assert p["n_done"] == 2
+        fid = p["aggregate"]["fid"]
+        assert fid["n"] == 2 and fid["mean"] > 0 and fid["std"] is not None and math.isfinite(fid["std"])
+        assert p["cells"][0]["fid_protocol"]["feature_net"] == "mnist-features"
+    assert by["two-stage"]["cells"][0]["run"] == "learned-s0"
+    assert by["two-stage"]["aggregate"]["fid"] != by["fixed:1"]["aggregate"]["fid"]
+    assert res["sweep"]["sigma2"] == [0.01, 1.0] and res["sweep"]["references"][0]["spec"] == "ar"
+    figs = out / "figures"
+    for name in ("fid.png", "sweep.png", "sigma2.png", "kl_per_dim.png", "samples-two-stage.png",
+                 "reconstructions-ar.png"):
+        assert (figs / name).read_bytes().startswith(PNG_MAGIC), name
+    md = (out / "report.md").read_text()
+    assert "| policy | seeds | FID |" in md and "| AR-ELBO |" in md and "![Oversmoothing sweep](figures/sweep.png)" in md
+    for link in (line.split("](", 1)[1].split(")", 1)[0] for line in md.splitlines() if "](" in line):
+        assert (out / link).is_file(), link
+    study = json.loads((out / "study.json").read_text())
+    assert study["status"] == "complete" and study["command"].startswith("arelbo compare --preset mnist-conv")
+    assert study["base_config"]["model"]["hidden"] == [8, 16]
+
+
+def test_report_html_is_self_contained_and_valid(image_study):
+    text = (image_study / "report.html").read_text()
+    c = check_html(text)
+    # 4 figures + samples and reconstructions for 4 policies
+    assert len(c.imgs) == 4 + 2 * 4
+    body = " ".join(c.text)
+    assert "AR-ELBO" in body and "two-stage VAE [two-stage sampler]" in body
+    assert len(text) < 3_000_000
+
+
+def test_report_only_rebuilds_and_rerun_reuses(image_study, capsys):
+    """--report-only writes the report from the runs there; a rerun of the study changes no run file."""
+    out = image_study
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    res = json.loads((out / "results.json").read_text())
+    argv = shlex.split(json.loads((out / "study.json").read_text())["command"])[1:]
+    assert main([*argv, "--report-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["policies"] == res["policies"]
+    assert main(argv) == 0
+    assert "reuse" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_html_escapes_all_text(image_study):
+    res = json.loads((image_study / "results.json").read_text())
+    res["command"] = "arelbo compare --set x='<script>alert(1)</script>' & \"more\""
+    res["policies"][0]["label"] = "<b>bold</b>"
+    text = render_html(res, [], [])
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
+    check_html(text)
+
+
+def test_format_cell():
+    assert format_cell({"mean": 12.3456, "std": 0.71, "n": 3, "values": [1, 2, 3]}) == "12.35 ± 0.71"
+    assert format_cell({"mean": 4.0, "std": None, "n": 1, "values": [4]}) == "4"
+    assert format_cell({"mean": -1234.56, "std": 10.0, "n": 2, "values": [1, 2]}) == "-1235 ± 10"
+    assert format_cell({"mean": 2e-5, "std": None, "n": 1, "values": [1]}) == "2.000e-05"
+    assert format_cell({"mean": 3.0, "std": None, "n": 1, "values": [3, None]}) == "3 (n=1)"
+    assert format_cell({"mean": None, "std": None, "n": 0, "values": []}) == "n/a"
+
+
+# ---------------------------------------------------------------------------------------------- CelebA
+
+
+def _generated_celeba(root: Path, n: int = 12) -> Path:
+    from PIL import Image
+
+    (root / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:218, :178]
+    for i in range(n):
+        face = np.exp(-((xx - 89) ** 2 / 2500 + (yy - 110) ** 2 / 4000))[..., None] * rng.uniform(80, 255, 3)
+        img = np.clip(face + rng.normal(0, 20, (218, 178, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("source", ["generated", "real-sample"])
+def test_celeba_preset_through_compare_without_fid(tmp_path, source):
+    """celeba64-conv on a user's CelebA folder: plan -> train -> eval (--no-fid) -> report, the FID column n/a
+    with its reason. The real sample folder is read-only: the decoded-image cache goes under tmp_path."""
+    if source == "generated":
+        root = _generated_celeba(tmp_path / "celeba")
+    else:
+        if not (CELEBA_SAMPLE / "img_align_celeba").is_dir():
+            pytest.skip(f"{CELEBA_SAMPLE} not present")
+        root = CELEBA_SAMPLE
+    out = tmp_path / "study"
+    argv = ["compare", "--preset", "celeba64-conv", "--policies", "fixed:1,ar", "--out", str(out), "--epochs", "1",
+            "--steps-per-epoch", "2", "--no-fid",
+            *_sets(f"data.root={root}", f"data.options={{crop: 140, size: 16, cache_dir: {tmp_path / 'cache'}}}",
+                   "data.batch_size=4", "data.eval_batch_size=8", "model.hidden=[8,16]", "model.latent_dim=4",
+                   "train.log_every_n_steps=1", "train.n_samples=16"),
+            *QUICK_EVAL]
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "celeba"
+    for p in res["policies"]:
+        assert p["n_done"] == 1 and p["aggregate"]["fid"]["mean"] is None
+        assert p["unavailable"]["fid"] == "disabled (--no-fid)"
+        assert p["aggregate"]["active_units"]["mean"] is not None
+    header, rows, notes = table_rows(res)
+    assert rows[0][header.index("FID")] == "n/a [1]" and notes == ["disabled (--no-fid)"]
+    html_text = (out / "report.html").read_text()
+    check_html(html_text)
+    assert "n/a [1]" in html_text and "disabled (--no-fid)" in html_text
+    assert (out / "figures" / "samples-ar.png").is_file() and not (out / "figures" / "fid.png").exists()
+    assert (out / "runs" / "ar-s0" / "samples.png").is_file()
+    if source == "real-sample":
+        assert any((tmp_path / "cache").iterdir())  # the cache went where we said, not into the read-only folder
+
+
+# ---------------------------------------------------------------------------------------------- linear picture
+
+
+def test_linear_plot_theory_matches_trained(tmp_path):
+    from arelbo.linear import ppca_sigma2
+    from arelbo.report import linear_active_units_curve, plot_linear_active_units
+
+    eigs = [5.0, 3.0, 1.5, 0.8, 0.5, 0.3, 0.2, 0.1]
+    curve = linear_active_units_curve(eigs, 4, n=1000, seed=0, sigma2_grid=[0.3, 0.7, 1.2, 2.5, 4.0, 8.0], steps=20)
+    lam = np.asarray(curve["eigenvalues"])
+    theory = [int(np.sum(lam[:4] * 0.99 > s)) for s in curve["sigma2"]]
+    assert curve["trained_active"] == theory == [4, 4, 3, 2, 1, 0]
+    assert curve["ar_sigma2"] == pytest.approx(curve["ppca_sigma2"], rel=1e-6)
+    assert curve["ppca_sigma2"] == pytest.approx(ppca_sigma2(lam, 4)) and curve["ar_active"] == 4
+    path = plot_linear_active_units(curve, tmp_path / "linear.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_linear_cli_plot(tmp_path, capsys):
+    path = tmp_path / "lin.png"
+    assert main(["linear", "--eigenvalues", "4,2,1,0.5,0.25", "--latent-dim", "2", "--n", "200", "--steps", "10",
+                 "--fixed-sigma2", "1", "--fa-factors", "1", "--mc-steps", "0", "--plot", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert path.read_bytes().startswith(PNG_MAGIC) and f"wrote {path}" in out and "vs pPCA" in out
+
+
+# ---------------------------------------------------------------------------------------------- headless browser
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(image_study, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed")
+    shot = tmp_path / "report.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--window-size=1280,2400", f"--screenshot={shot}", (image_study / "report.html").resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (2400, 1280)
+    assert (img < 128).mean() > 0.01  # text, tables and plots were drawn (not a blank page)
+    assert len(np.unique(img)) > 32
