@@ -254,6 +254,13 @@ def test_bf16_mixed_precision_runs(tmp_path, splits):
     assert v["split"] == "val" and math.isfinite(v["neg_elbo"])
 
 
+def test_benchmark_steps_times_the_pipeline(splits):
+    from arelbo.train import benchmark_steps
+
+    seconds = benchmark_steps(tiny(), splits, steps=4, warmup=2)
+    assert 0 < seconds < 5
+
+
 def test_two_processes_match_one_process_sigma2_trajectory(tmp_path, splits):
     """DDP on CPU (gloo, 2 spawned processes, 16 samples each) vs 1 process on the same global batch of 32."""
     extra = ["train.accelerator=cpu", "train.epochs=1"]

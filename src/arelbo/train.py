@@ -56,6 +56,7 @@ __all__ = [
     "resume",
     "new_run_dir",
     "load_splits",
+    "benchmark_steps",
     "ESTIMATED_ISOTROPIC",
     "ESTIMATED_DIAGONAL",
 ]
@@ -689,6 +690,46 @@ def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: boo
     _truncate_metrics(run_dir / "metrics.jsonl", step)
     cfg.save(run_dir / "config.yaml")
     return _run(cfg, run_dir, splits, ckpt_path, progress, callbacks)
+
+
+class _StepTimer(pl.Callback):
+    """Wall time from the start of step ``first`` to the end of step ``first + n - 1`` (data loading, logging and
+    framework overhead between steps included)."""
+
+    def __init__(self, first: int, n: int):
+        self.first, self.n = first, n
+        self.t0: float | None = None
+        self.seconds: float | None = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.first + self.n and self.t0 is not None:  # global_step already incremented
+            self.seconds = time.perf_counter() - self.t0
+
+
+def benchmark_steps(cfg: RunConfig, splits, steps: int, warmup: int = 5) -> float:
+    """Seconds per training step of this pipeline (Lightning loop, logging, NaN guard; no validation) on ``cfg``'s
+    model, objective and batch size, timed over ``steps`` steps after ``warmup``; for benchmarks/bench_train.py."""
+    import shutil
+    import tempfile
+
+    from arelbo.config import apply_overrides
+
+    overrides = [f"train.max_steps={warmup + steps}", "train.epochs=1000", "train.limit_val_batches=0",
+                 "train.n_samples=0", "name=null"]
+    cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    timer = _StepTimer(warmup, steps)
+    tmp = Path(tempfile.mkdtemp(prefix="arelbo-bench-"))
+    try:
+        fit(cfg, tmp / "run", splits=splits, progress=False, callbacks=[timer])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if timer.seconds is None:
+        raise RuntimeError(f"benchmark did not reach step {warmup + steps}")
+    return timer.seconds / steps
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
