@@ -1,5 +1,9 @@
 """Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, and GFLOP/s vs peak.
 
+The `ar` overhead is reported two ways: whole training steps of an `ar` and a `fixed` (sigma2 = 1) model
+(which see different numbers as they train: sigma2 = 1 collapses and its tiny gradients can hit slow
+denormal arithmetic), and the loss alone on identical tensors relative to a step (the policy's own cost).
+
     python benchmarks/bench_train.py [--preset mnist-conv] [--steps 60] [--repeats 5] [--out docs/benchmarks.json]
 
 Everything is measured in this one process, interleaved, and reported as medians of repeats and ratios of medians
@@ -64,6 +68,22 @@ def time_steps(step, batches) -> float:
     return (time.perf_counter() - t0) / len(batches)
 
 
+def loss_seconds(policy: str, x, repeats: int = 50) -> float:
+    """Forward + backward of the loss alone on fixed tensors: the cost of the policy itself, free of the
+    training dynamics (a collapsed sigma2 = 1 run computes on different numbers than an ar run)."""
+    from arelbo.objectives import GaussianVAELoss
+
+    loss_fn = GaussianVAELoss(policy, check_finite=False)
+    x_hat = torch.rand_like(x).requires_grad_(True)
+    mu = torch.randn(x.shape[0], 16, requires_grad=True)
+    logvar = torch.randn(x.shape[0], 16, requires_grad=True)
+    loss_fn(x, x_hat, mu, logvar).loss.backward()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        loss_fn(x, x_hat, mu, logvar).loss.backward()
+    return (time.perf_counter() - t0) / repeats
+
+
 def flops_per_step(step, x) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -94,9 +114,12 @@ def main(argv=None) -> dict:
     bare_ar, bare_fixed, pipeline = [], [], []
     steps = {"ar": make_step(cfg, splits.shape, "ar"), "fixed": make_step(cfg, splits.shape, "fixed")}
     pipeline_fn = _pipeline_runner(cfg, splits, args.steps)
-    for _ in range(args.repeats):  # interleaved so drifts in machine load hit all variants alike
-        bare_ar.append(time_steps(steps["ar"], batches))
-        bare_fixed.append(time_steps(steps["fixed"], batches))
+    loss_ar, loss_fixed = [], []
+    for i in range(args.repeats):  # interleaved, order alternating, so drifts in machine load hit all alike
+        order = ("ar", "fixed") if i % 2 == 0 else ("fixed", "ar")
+        for name in order:
+            (bare_ar if name == "ar" else bare_fixed).append(time_steps(steps[name], batches))
+            (loss_ar if name == "ar" else loss_fixed).append(loss_seconds(name, batches[0]))
         if pipeline_fn is not None:
             pipeline.append(pipeline_fn())
 
@@ -105,6 +128,10 @@ def main(argv=None) -> dict:
     results["bare_fixed_images_per_s"] = bs / med(bare_fixed)
     results["ar_overhead_vs_fixed"] = med(bare_ar) / med(bare_fixed) - 1
     results["ar_overhead_vs_fixed_per_repeat"] = [a / f - 1 for a, f in zip(bare_ar, bare_fixed)]
+    # What ar itself adds to a step: its loss's extra time over fixed's, relative to a whole training step.
+    results["loss_ms_ar"] = 1e3 * med(loss_ar)
+    results["loss_ms_fixed"] = 1e3 * med(loss_fixed)
+    results["ar_loss_overhead_fraction_of_step"] = (med(loss_ar) - med(loss_fixed)) / med(bare_fixed)
     if pipeline:
         results["pipeline_images_per_s"] = bs / med(pipeline)
         results["pipeline_vs_bare"] = med(bare_ar) / med(pipeline)

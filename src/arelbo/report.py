@@ -427,7 +427,7 @@ code{background:#f4f4f4;padding:.1em .3em;border-radius:3px;font-size:.9em}
 .tablewrap{overflow-x:auto}
 table.results{border-collapse:collapse;font-size:.85em;white-space:nowrap}
 table.results th,table.results td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-table.results th{background:#f0f0f0}
+table.results th{background:#f0f0f0;white-space:normal;vertical-align:bottom}
 table.results td:first-child,table.results th:first-child{text-align:left}
 table.results tr:nth-child(even) td{background:#fafafa}
 td.na{color:#999}

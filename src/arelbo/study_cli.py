@@ -21,8 +21,16 @@ Budget of the default scale, measured on the project's 2-core machine (mnist-con
 CPU_BUDGET = ("one run (training + evaluation) takes about 4-5 minutes, 8 training runs (two-stage shares "
               "learned's) about 40 minutes in total, within the 60-minute budget.")
 
+SWEEP_INTRO = """\
+The oversmoothing sweep: fixed:S for every S of --sigma2, beside the --reference policies (specs as in
+`arelbo compare --help`), through the same planner, runs and report as compare. The report adds active units,
+decoder smoothness, total KL and FID against sigma^2 (log axis), with AR-ELBO's final sigma^2 as a vertical line
+and its values as a star.
+
+"""
+
 COMPARE_EPILOG = """\
-policy specs (--policies, comma-separated):
+policy specs (comma-separated in --policies and --reference):
   fixed:S          fixed decoder variance sigma^2 = S (fixed:1 is the classic VAE)
   beta:B           beta-VAE, beta = B
   learned[:S0]     sigma^2 learned by gradient (Dai & Wipf's gamma / sigma-VAE), initialised at S0 (default 1)
@@ -69,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_study_kind=kind)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     wrap = lambda s: "\n".join(textwrap.wrap(s, 110, subsequent_indent="                 "))  # noqa: E731
-    parser.epilog = (COMPARE_EPILOG + SCALE_HELP.format(cpu=wrap(SCALES["cpu"].why), paper=wrap(SCALES["paper"].why),
+    parser.epilog = ((SWEEP_INTRO if kind == "sweep" else "") + COMPARE_EPILOG + SCALE_HELP.format(cpu=wrap(SCALES["cpu"].why), paper=wrap(SCALES["paper"].why),
                                                         budget=wrap(CPU_BUDGET)) + "\n\n" + EXAMPLES[kind])
     parser.add_argument("--preset", metavar="NAME", help="a named configuration (mnist-conv, mnist-mlp, celeba64-conv, "
                         "linear-gaussian); default mnist-conv unless --config is given")
@@ -84,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--sigma2", default=",".join(_num(s) for s in DEFAULT_SWEEP_SIGMA2), metavar="LIST",
                             help="the fixed sigma^2 grid (default: %(default)s)")
         parser.add_argument("--reference", default="ar", metavar="LIST",
-                            help="policies trained beside the grid; the first ar-type one's final sigma^2 is marked "
-                            "on the plots (default: %(default)s)")
+                            help="policies trained beside the grid; ar's final sigma^2 (else the first ar-type "
+                            "policy's) is marked on the plots (default: %(default)s)")
     parser.add_argument("--seeds", metavar="LIST", help="seeds, e.g. 0,1,2 or 0-2 (default: 0; --paper: 0,1,2)")
     parser.add_argument("--out", metavar="DIR", required=True, help="the study folder")
     parser.add_argument("--runs-dir", metavar="DIR", help="where the run directories go (default: DIR/runs); point "
@@ -181,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         from arelbo.report import write_report
         from arelbo.runs import atomic_write_text
 
+        for r in plan.runs:  # a run trained with another config than this command describes is an error
+            run_state(r, plan.eval)
         results = collect_results(plan)
         atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")
         md, html = write_report(results, plan.out)
