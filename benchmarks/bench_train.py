@@ -1,8 +1,8 @@
 """Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, and GFLOP/s vs peak.
 
 The `ar` overhead is reported two ways: whole training steps of an `ar` and a `fixed` (sigma2 = 1) model
-(which see different numbers as they train: sigma2 = 1 collapses and its tiny gradients can hit slow
-denormal arithmetic), and the loss alone on identical tensors relative to a step (the policy's own cost).
+(two different models, so noisy on a shared machine), and the loss alone on identical tensors relative to a
+step (the policy's own cost).
 
     python benchmarks/bench_train.py [--preset mnist-conv] [--steps 60] [--repeats 5] [--out docs/benchmarks.json]
 
