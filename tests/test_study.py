@@ -349,9 +349,8 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert "--policies" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_jobs_run_side_by_side_as_subprocesses(tmp_path):
-    """--jobs 2: the runs go through `python -m arelbo.cli train` / `eval` subprocesses (about 30 s: imports)."""
+    """--jobs 2: the runs go through `python -m arelbo.cli train` / `eval` subprocesses (~10 s: their imports)."""
     out = tmp_path / "st"
     res = S.run_study(tiny_plan(out, epochs=1), jobs=2, progress=False, report=False, log=lambda m: None)
     assert all(c["status"] == "done" for p in res["policies"] for c in p["cells"])
@@ -362,3 +361,15 @@ def test_jobs_run_side_by_side_as_subprocesses(tmp_path):
     # and the in-process path finds everything done
     plan = tiny_plan(out, epochs=1)
     assert [S.run_state(r, plan.eval)[0] for r in plan.runs] == ["done", "done"]
+
+
+def test_sweep_shares_runs_with_a_compare_through_runs_dir(tmp_path):
+    compare = tiny_plan(tmp_path / "compare", "fixed:1,ar", epochs=1)
+    S.run_study(compare, progress=False, report=False, log=lambda m: None)
+    sweep = tiny_plan(tmp_path / "sweep", S.sweep_policies([1, 0.1], "ar"), epochs=1, kind="sweep",
+                      runs_dir=tmp_path / "compare" / "runs")
+    assert {r.name: S.run_state(r, sweep.eval)[0] for r in sweep.runs} == {
+        "fixed-1-s0": "done", "fixed-0.1-s0": "new", "ar-s0": "done"}
+    res = S.run_study(sweep, progress=False, report=False, log=lambda m: None)
+    assert res["kind"] == "sweep" and res["runs_dir"] == "../compare/runs"
+    assert res["sweep"]["sigma2"] == [0.1, 1.0] and all(p["n_done"] == 1 for p in res["policies"])

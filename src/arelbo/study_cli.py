@@ -18,8 +18,12 @@ Budget of the default scale, measured on the project's 2-core machine (mnist-con
 1 seed): {budget}"""
 
 # Measured; see the module arelbo.study (CPU_* constants) and the lead's docs/results. Kept in one place.
-CPU_BUDGET = ("one run (training + evaluation) takes about 4-5 minutes, 8 training runs (two-stage shares "
-              "learned's) about 40 minutes in total, within the 60-minute budget.")
+CPU_BUDGET = (
+    "on 2 idle cores one run takes about 3 minutes (ar: 161 s training + 20 s evaluation; the learned run's "
+    "evaluation adds about a minute for the two-stage sampler's 2000 steps), so the 9 default policies (8 training "
+    "runs: two-stage shares learned's) take about 25 minutes, inside the 60-minute budget with room for a machine "
+    "about 2x slower. Other CPU-heavy processes slow torch's multi-threaded training by 3-5x (measured); on a "
+    "shared machine --jobs 2 (one thread per run) holds up better.")
 
 SWEEP_INTRO = """\
 The oversmoothing sweep: fixed:S for every S of --sigma2, beside the --reference policies (specs as in
@@ -78,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     wrap = lambda s: "\n".join(textwrap.wrap(s, 110, subsequent_indent="                 "))  # noqa: E731
     parser.epilog = ((SWEEP_INTRO if kind == "sweep" else "") + COMPARE_EPILOG + SCALE_HELP.format(cpu=wrap(SCALES["cpu"].why), paper=wrap(SCALES["paper"].why),
-                                                        budget=wrap(CPU_BUDGET)) + "\n\n" + EXAMPLES[kind])
+                                                        budget=textwrap.fill(CPU_BUDGET, 110)) + "\n\n" + EXAMPLES[kind])
     parser.add_argument("--preset", metavar="NAME", help="a named configuration (mnist-conv, mnist-mlp, celeba64-conv, "
                         "linear-gaussian); default mnist-conv unless --config is given")
     parser.add_argument("--config", metavar="FILE", help="a YAML config applied over the preset")
@@ -191,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
 
         for r in plan.runs:  # a run trained with another config than this command describes is an error
             run_state(r, plan.eval)
+        study_file = plan.out / "study.json"
+        if study_file.is_file():  # the report names the command that ran the study, not this one
+            plan.command = json.loads(study_file.read_text(encoding="utf-8")).get("command") or plan.command
         results = collect_results(plan)
         atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")
         md, html = write_report(results, plan.out)
