@@ -24,13 +24,8 @@ SIGMA2 = 0.275  # mean of the trailing eigenvalues
 DATA_OPTIONS = {"eigenvalues": EIGENVALUES, "n_train": 1500, "n_val": 10, "n_test": 800, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU (conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ppca_optimum():

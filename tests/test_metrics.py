@@ -31,13 +31,8 @@ SCALES = torch.tensor([2.0, 1.5, 0.7], dtype=torch.float64)  # decoder column no
 SIGMA2 = 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU (conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def loader_of(x, batch_size=64):

@@ -19,13 +19,8 @@ TRUE_WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 TRUE_STD = torch.tensor([[0.5, 1.0], [1.0, 0.3], [0.7, 0.7]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small tensors: one intra-op thread is fastest, and robust on a shared, oversubscribed CPU (conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def mixture_codes(n, seed=0):
