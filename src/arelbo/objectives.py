@@ -25,7 +25,6 @@ Usage in any loop::
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,6 +32,8 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from arelbo.registry import build, register
 
 __all__ = [
     "LossOutput",
@@ -165,22 +166,12 @@ POLICIES: dict[str, type[DecoderVariance]] = {}
 
 def register_policy(cls: type[DecoderVariance]) -> type[DecoderVariance]:
     """Class decorator: make a policy available by its ``name`` in :func:`make_policy` and configs."""
-    if not cls.name or cls.name in POLICIES:
-        raise ValueError(f"policy name {cls.name!r} is empty or already registered")
-    POLICIES[cls.name] = cls
-    return cls
+    return register(POLICIES, cls, "policy")
 
 
 def make_policy(name: str, **kwargs) -> DecoderVariance:
     """Build a registered policy by name; unknown names and arguments are errors that list what is valid."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown decoder-variance policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"policy {name!r} takes no argument(s) {unknown}; valid: {valid}")
-    return cls(**kwargs)
+    return build(POLICIES, name, kwargs, kind="policy", long_kind="decoder-variance policy", plural="policies")
 
 
 @register_policy

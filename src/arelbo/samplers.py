@@ -29,6 +29,8 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from arelbo.registry import build, register
+
 __all__ = [
     "LatentSampler",
     "PriorSampler",
@@ -99,22 +101,12 @@ SAMPLERS: dict[str, type[LatentSampler]] = {}
 
 
 def register_sampler(cls: type[LatentSampler]) -> type[LatentSampler]:
-    if not cls.name or cls.name in SAMPLERS:
-        raise ValueError(f"sampler name {cls.name!r} is empty or already registered")
-    SAMPLERS[cls.name] = cls
-    return cls
+    return register(SAMPLERS, cls, "sampler")
 
 
 def make_sampler(name: str, **kwargs) -> LatentSampler:
     """Build a registered sampler by name; unknown names and arguments are errors that list what is valid."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(SAMPLERS))}")
-    cls = SAMPLERS[name]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ValueError(f"sampler {name!r} takes no argument(s) {unknown}; valid: {valid}")
-    return cls(**kwargs)
+    return build(SAMPLERS, name, kwargs, kind="sampler", long_kind="sampler", plural="samplers")
 
 
 def _standard_normal(n: int, q: int, generator: torch.Generator | None) -> Tensor:
