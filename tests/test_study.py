@@ -31,7 +31,7 @@ TINY = [
     "train.schedule=none",
 ]
 TINY_EVAL = {"n_samples": 0, "is_examples": 8, "k": 4, "smoothness_examples": 16, "mi_examples": 32,
-             "max_examples": None, "two_stage_steps": 10}
+             "max_examples": None, "two_stage_steps": 10, "gmm": False}
 
 
 def tiny_plan(out, policies="fixed:1,ar", seeds="0", epochs=2, steps=4, **kw):
@@ -143,6 +143,15 @@ def test_plan_scales_and_overrides(tmp_path):
     assert cpu.base_config.train.epochs == S.CPU_EPOCHS
     assert cpu.base_config.train.limit_train_batches == S.CPU_STEPS_PER_EPOCH
     assert cpu.eval.n_samples == S.CPU_EVAL_SAMPLES and cpu.eval.max_examples == S.CPU_MAX_EXAMPLES
+    assert cpu.eval.gmm and [r.samplers for r in cpu.runs] == [["prior", "gmm"]]  # the GMM column by default
+    two = S.plan_study(["two-stage"], None, tmp_path, preset="mnist-conv")
+    assert two.runs[0].samplers == ["prior", "two-stage", "gmm"]
+    assert two.eval.sampler_options(two.runs[0].samplers) == {"two-stage": {"steps": S.CPU_TWO_STAGE_STEPS,
+                                                                            "noise": True}}
+    mean_only = S.plan_study(["two-stage"], None, tmp_path, preset="mnist-conv",
+                             eval_options={"two_stage_noise": False, "gmm": False})
+    assert mean_only.runs[0].samplers == ["prior", "two-stage"]
+    assert mean_only.eval.sampler_options(["two-stage"])["two-stage"]["noise"] is False
     paper = S.plan_study(["ar"], None, tmp_path, preset="mnist-conv", scale="paper")
     assert paper.seeds == [0, 1, 2] and paper.base_config.train.epochs == 20  # the preset's own epochs
     assert paper.base_config.train.limit_train_batches is None and paper.eval.gmm and paper.eval.n_samples == 10000
@@ -163,7 +172,8 @@ def test_eval_options_cli_args_match_kwargs():
     opts = S.EvalOptions(n_samples=50, fid=False, k=7, max_examples=100, two_stage_steps=30)
     args = opts.cli_args(["prior", "two-stage"])
     assert args[args.index("--sampler") + 1] == "prior,two-stage" and "--no-fid" in args
-    assert args[args.index("--sampler-option") + 1] == "two-stage.steps=30"
+    options = [args[i + 1] for i, a in enumerate(args) if a == "--sampler-option"]
+    assert options == ["two-stage.steps=30", "two-stage.noise=True"]
     from arelbo.evaluate import add_arguments, parse_sampler_options
     import argparse
 
@@ -343,6 +353,11 @@ def test_cli_dry_run_and_errors(tmp_path, capsys):
     assert main(["sweep", *args, "--sigma2", "1,0.01", "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert '"spec": "fixed:0.01"' in text and '"spec": "ar"' in text and '"kind": "sweep"' in text
+    assert '"gmm": true' in text and '"two_stage_noise": true' in text  # the CPU scale's defaults
+    assert main(["compare", *args, "--policies", "two-stage", "--no-gmm", "--two-stage-mean", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert '"gmm": false' in text and '"two_stage_noise": false' in text and '"samplers": [\n' in text
+    assert '"prior",\n        "two-stage"\n      ]' in text
     assert main(["compare", *args, "--policies", "fixed"]) == 2
     assert "fixed needs its sigma2" in capsys.readouterr().err
     assert main(["compare", *args, "--set", "objective.policy=ar"]) == 2

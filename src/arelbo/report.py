@@ -215,33 +215,52 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
     sweep = results.get("sweep")
     if not sweep:
         return None
-    panels = [("active_units", "active units"), ("smoothness", "decoder smoothness E‖∂f/∂z_j‖"),
-              ("kl_total", "total KL (nats)"), ("fid", "FID (prior sampler)")]
+    from matplotlib.ticker import MaxNLocator
+
+    # (panel title, [(curve key, line style, legend suffix)]): the FID panel has the GMM sampler's curve too
+    panels = [("active units", [("active_units", "-", "")]),
+              ("decoder smoothness E‖∂f/∂z_j‖", [("smoothness", "-", "")]),
+              ("total KL (nats)", [("kl_total", "-", "")]),
+              ("FID", [("fid", "-", " (prior sampler)"), ("fid_gmm", ":", " (GMM sampler)")])]
     fig = _figure(10, 7)
     axes = fig.subplots(2, 2)
-    for ax, (key, title) in zip(axes.flat, panels):
-        n = _errorbar(ax, sweep["sigma2"], sweep["curves"][key], color="#333333", marker="o", lw=1.5,
-                      label="fixed σ²")
-        for i, ref in enumerate(sweep["references"]):
-            s2 = (ref.get("sigma2") or {}).get("mean")
-            if s2 is None:
+    for ax, (title, curves) in zip(axes.flat, panels):
+        n = 0
+        for key, ls, suffix in curves:
+            if key not in sweep["curves"]:
                 continue
-            color = PALETTE[(3 + i) % len(PALETTE)]
-            ax.axvline(s2, color=color, ls="--", lw=1.2, label=f"{ref['label']}: final σ²={s2:.3g}")
-            agg = ref.get(key) or {}
-            if agg.get("mean") is not None:
-                ax.errorbar([s2], [agg["mean"]], yerr=[agg.get("std") or 0.0], color=color, marker="*", ms=14,
-                            capsize=3, ls="none")
+            drawn = _errorbar(ax, sweep["sigma2"], sweep["curves"][key], color="#333333", marker="o", lw=1.5,
+                              ls=ls, label=f"fixed σ²{suffix}")
+            n += drawn
+            for i, ref in enumerate(sweep["references"]):
+                s2 = (ref.get("sigma2") or {}).get("mean")
+                if s2 is None:
+                    continue
+                color = PALETTE[(3 + i) % len(PALETTE)]
+                if key == curves[0][0]:
+                    ax.axvline(s2, color=color, ls="--", lw=1.2, label=f"{ref['label']}: final σ²={s2:.3g}")
+                agg = ref.get(key) or {}
+                if agg.get("mean") is not None:
+                    ax.errorbar([s2], [agg["mean"]], yerr=[agg.get("std") or 0.0], color=color, marker="*",
+                                ms=14, capsize=3, ls="none")
         ax.set_xscale("log")
         ax.set_xlabel("σ²")
         ax.set_title(title if n else f"{title}: n/a")
         ax.grid(True, which="both", alpha=0.25)
+        if len(curves) > 1 and n:  # FID: prior and GMM curves differ by up to 25x here; a log axis shows both
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    axes.flat[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("oversmoothing sweep: fixed σ² against AR-ELBO (star: its values at its own final σ²)")
     _save(fig, path)
     return Figure("sweep", "Oversmoothing sweep", path,
                   "Fixed σ² on a log grid (points: mean, bars: std over seeds). The dashed vertical line is where "
-                  "AR-ELBO's σ² ended; the star shows its active units, smoothness, KL and FID there.")
+                  "AR-ELBO's σ² ended; the star shows its active units, smoothness, KL and FID there (FID panel, log "
+                  "scale: solid, the prior sampler; dotted, a GMM fitted to the training codes, when evaluated).")
+
+
+FID_LEGEND = {"fid": "FID (own sampler: prior / two-stage)", "fid_gmm": "FID (GMM sampler)"}
 
 
 def plot_fid_bars(results: dict, path: Path) -> Figure | None:
@@ -260,7 +279,7 @@ def plot_fid_bars(results: dict, path: Path) -> Figure | None:
         stds = [(p["aggregate"].get(key) or {}).get("std") or 0.0 for p in pols]
         xs = x + (i - (len(keys) - 1) / 2) * width
         heights = [m if m is not None else 0.0 for m in means]
-        ax.bar(xs, heights, width * 0.9, yerr=stds, capsize=3, color=PALETTE[i], label=key.replace("fid", "FID").replace("_", " "))
+        ax.bar(xs, heights, width * 0.9, yerr=stds, capsize=3, color=PALETTE[i], label=FID_LEGEND.get(key, key))
         for xi, m in zip(xs, means):
             if m is None:
                 ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
@@ -273,9 +292,11 @@ def plot_fid_bars(results: dict, path: Path) -> Figure | None:
     if len(keys) > 1:
         ax.legend(fontsize=8)
     _save(fig, path)
+    gmm = ("; FID (GMM): samples from a Gaussian mixture fitted to the training codes, decoded (what the decoder "
+           "can do once the prior's mismatch with the aggregate posterior is removed)") if "fid_gmm" in keys else ""
     return Figure("fid", "FID per policy", path,
-                  "Each policy judged with its own sampler (two-stage: the second-stage VAE; the others: the prior). "
-                  "Error bars: std over seeds.")
+                  "FID: each policy judged with its own sampler (two-stage: the second-stage VAE; the others: the "
+                  f"prior){gmm}. Error bars: std over seeds.")
 
 
 def _image_grids(results: dict, out: Path, figdir: Path) -> list[dict]:

@@ -23,8 +23,9 @@ A sweep is a compare whose policy list is generated (``fixed:S`` over a grid of 
 ``ar-ema[:M]``         AR-ELBO with an exponential moving average of the batch MLE, momentum M in [0, 1)
 =====================  ==========================================================================================
 
-Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ N(0, I)); ``--gmm`` adds a Gaussian
-mixture fitted to the codes as a second FID column.
+Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ N(0, I)) and, by default, also with a
+Gaussian mixture fitted to the training codes (``gmm``: a second FID column that separates decoder quality from the
+mismatch between the aggregate posterior and the prior; ``--no-gmm`` drops it).
 
 **Runs and resume.** The (policy, seed) cell lives in ``RUNS/<slug>-s<seed>/`` (``RUNS`` = ``DIR/runs`` unless
 ``runs_dir`` is given; ``two-stage`` cells point at the ``learned`` run). Before doing anything each run's state is
@@ -248,7 +249,7 @@ def sweep_policies(sigma2: Iterable[float], reference: str | Iterable[str] = "ar
 # The CPU scale: measured with the mnist-conv preset on the project's 2-core machine (see Scale.why and the
 # CLI help). Each run: CPU_EPOCHS epochs of CPU_STEPS_PER_EPOCH batches of the preset's batch size (128 for
 # mnist-conv), validation on the full validation split after each epoch. Measured on 2 idle cores: ~10 training
-# steps/s (2000 steps + 5 validations: 161 s), evaluation 20 s (ar) and ~60 s (learned + two-stage sampler).
+# steps/s (2000 steps + 5 validations: 142-152 s), evaluation with prior + GMM 21-29 s (learned + two-stage: 39 s).
 CPU_EPOCHS = 5
 CPU_STEPS_PER_EPOCH = 400  # 2000 Adam steps of 128 images (4.7 MNIST epochs): ~10 steps/s on 2 idle cores
 CPU_EVAL_SAMPLES = 5000  # >= 2048: FID alone (KID is computed below 2048 samples)
@@ -276,6 +277,9 @@ class EvalOptions:
     gmm: bool = False  # also the GMM sampler (a second FID column)
     two_stage_steps: int | None = None  # second-stage Adam steps (None: the sampler's default, 3000)
     two_stage_policy: str | None = None  # second-stage decoder-variance policy (None: the sampler's default, ar)
+    # Sample the second stage exactly (its decoder noise included); False: its decoder mean (Dai & Wipf). Always
+    # passed, so an evaluation made the other way is detected as stale.
+    two_stage_noise: bool = True
     batch_size: int = 500
     seed: int = 0
 
@@ -289,6 +293,8 @@ class EvalOptions:
             opts["steps"] = int(self.two_stage_steps)
         if "two-stage" in samplers and self.two_stage_policy is not None:
             opts["policy"] = str(self.two_stage_policy)
+        if "two-stage" in samplers:
+            opts["noise"] = bool(self.two_stage_noise)
         return {"two-stage": opts} if opts else {}
 
     def evaluate_kwargs(self, samplers: Sequence[str]) -> dict:
@@ -332,13 +338,14 @@ SCALES = {
         (0,),
         EvalOptions(n_samples=CPU_EVAL_SAMPLES, k=CPU_IS_K, is_examples=CPU_IS_EXAMPLES,
                     smoothness_examples=CPU_SMOOTHNESS_EXAMPLES, mi_examples=CPU_MI_EXAMPLES,
-                    max_examples=CPU_MAX_EXAMPLES, two_stage_steps=CPU_TWO_STAGE_STEPS),
+                    max_examples=CPU_MAX_EXAMPLES, gmm=True, two_stage_steps=CPU_TWO_STAGE_STEPS),
         f"CPU default: {CPU_EPOCHS} epochs x {CPU_STEPS_PER_EPOCH} batches (the preset's batch size), seed 0; "
         f"evaluation on the whole test split, {CPU_EVAL_SAMPLES} samples per sampler for FID, "
-        f"IS-NLL K={CPU_IS_K} on {CPU_IS_EXAMPLES} images, smoothness on {CPU_SMOOTHNESS_EXAMPLES}, "
-        f"two-stage sampler {CPU_TWO_STAGE_STEPS} steps. Sized so the default 9-policy MNIST study (8 training "
-        f"runs: two-stage shares learned's) fits 60 minutes on 2 CPU cores: measured about 3 minutes per run on 2 "
-        f"idle cores (161 s training + 20 s evaluation), about 25 minutes for the study.",
+        f"prior and GMM samplers (+ two-stage), IS-NLL K={CPU_IS_K} on {CPU_IS_EXAMPLES} images, smoothness on "
+        f"{CPU_SMOOTHNESS_EXAMPLES}, two-stage sampler {CPU_TWO_STAGE_STEPS} steps. Sized so the default 9-policy "
+        f"MNIST study (8 training runs: two-stage shares learned's) fits 60 minutes on 2 CPU cores: measured about "
+        f"3 minutes per run on 2 idle cores (142-152 s training + 21-39 s evaluation), about 24 minutes for the "
+        f"study.",
     ),
     "paper": Scale(
         "paper",
@@ -466,6 +473,8 @@ def plan_study(
         layers.append(f"train.limit_train_batches={int(steps_per_epoch) if steps_per_epoch else 'null'}")
     base = load_config(preset, config_file, [*layers, *overrides])
     opts = EvalOptions(**{**asdict(sc.eval), **(eval_options or {})})
+    if not opts.fid and opts.gmm:  # the GMM sampler exists only as an FID column: without FID, do not fit it
+        opts = EvalOptions(**{**asdict(opts), "gmm": False})
     if opts.n_samples < 0 or opts.k < 1 or opts.is_examples < 0:
         raise StudyError("evaluation needs n_samples >= 0, k >= 1, is_examples >= 0")
     if opts.checkpoint not in ("best", "last"):
@@ -1028,14 +1037,14 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
                    key=lambda p: p["sigma2"])
     if len(fixed) < 2:
         return None
-    keys = ("active_units", "smoothness", "kl_total", "fid")
+    keys = ("active_units", "smoothness", "kl_total", "fid", "fid_gmm")
     # the marker: AR-ELBO's final sigma2 (the isotropic "ar"; other ar-type policies only when it is absent)
     ar_type = [p for p in policies if p["policy"] in ("ar", "ar-ema", "ar-per-sample", "ar-diagonal") and p["n_done"]]
     marked = [p for p in ar_type if p["policy"] == "ar"] or ar_type
     refs = [{"spec": p["spec"], "label": p["label"], "sigma2": p["aggregate"]["sigma2_final"],
-             **{k: p["aggregate"][k] for k in keys}} for p in marked]
+             **{k: p["aggregate"].get(k) for k in keys}} for p in marked]
     return {"sigma2": [p["sigma2"] for p in fixed],
-            "curves": {k: [p["aggregate"][k] for p in fixed] for k in keys},
+            "curves": {k: [p["aggregate"].get(k) for p in fixed] for k in keys},
             "specs": [p["spec"] for p in fixed],
             "references": refs}
 

@@ -19,10 +19,10 @@ Budget of the default scale, measured on the project's 2-core machine (mnist-con
 
 # Measured; see the module arelbo.study (CPU_* constants) and the lead's docs/results. Kept in one place.
 CPU_BUDGET = (
-    "on 2 idle cores one run takes about 3 minutes (ar: 161 s training + 20 s evaluation; the learned run's "
-    "evaluation adds about a minute for the two-stage sampler's 2000 steps), so the 9 default policies (8 training "
-    "runs: two-stage shares learned's) take about 25 minutes, inside the 60-minute budget with room for a machine "
-    "about 2x slower. Other CPU-heavy processes slow torch's multi-threaded training by 3-5x (measured); on a "
+    "on 2 idle cores one run takes about 3 minutes (ar: 147 s training + 25 s evaluation with the prior and GMM "
+    "samplers; the learned run's evaluation adds about 15 s for the two-stage sampler's 2000 steps), so the 9 "
+    "default policies (8 training runs: two-stage shares learned's) take about 24 minutes (docs/results/mnist.md), "
+    "inside the 60-minute budget with room for a machine about 2x slower. Other CPU-heavy processes slow torch's multi-threaded training by 3-5x (measured); on a "
     "shared machine --jobs 2 (one thread per run) holds up better.")
 
 SWEEP_INTRO = """\
@@ -41,7 +41,9 @@ policy specs (comma-separated in --policies and --reference):
   two-stage[:S0]   Dai & Wipf's two-stage VAE: the learned[:S0] run, generating through a second VAE on its
                    codes (shares the training run of learned[:S0])
   ar, ar-diagonal, ar-per-sample, ar-ema[:M]   AR-ELBO and its variants (M: EMA momentum)
-Every policy but two-stage generates with the prior sampler for FID (--gmm adds a GMM column).
+Every policy but two-stage generates with the prior sampler for FID, and with a Gaussian mixture fitted to its
+training codes for a second FID column ("FID (GMM)"; --no-gmm drops it). The two-stage sampler samples its second
+VAE exactly (decoder noise included); --two-stage-mean uses the decoder mean alone, as Dai & Wipf.
 
 output:
   DIR/study.json      the plan: resolved base config, runs, evaluation options, the command
@@ -118,7 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "second VAE")
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="which checkpoint is evaluated (default: last, the end of the equal training budget)")
-    parser.add_argument("--gmm", action="store_true", default=None, help="also judge every policy with a GMM sampler")
+    parser.add_argument("--gmm", action=argparse.BooleanOptionalAction, default=None,
+                        help="also judge every policy with a GMM sampler (default: on)")
+    parser.add_argument("--two-stage-mean", action="store_true",
+                        help="two-stage sampler: the second VAE's decoder mean alone (Dai & Wipf), not exact samples")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (e.g. CelebA: no feature network here)")
     parser.add_argument("--retry-failed", action="store_true", help="retry runs that failed in an earlier invocation")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and each run's state, do nothing")
@@ -137,6 +142,9 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         return "arelbo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     parts = ["arelbo", kind]
     for key, value in vars(args).items():
+        if key == "gmm" and value is False:  # the one negatable flag
+            parts.append("--no-gmm")
+            continue
         if key.startswith("_") or key in ("command", "dry_run", "report_only") or value is None or value is False or value == []:
             continue
         flag = "--set" if key == "overrides" else "--" + key.replace("_", "-")
@@ -165,8 +173,10 @@ def build_plan(args: argparse.Namespace, kind: str | None = None):
         eval_options["k"] = args.k
     if args.two_stage_steps is not None:
         eval_options["two_stage_steps"] = args.two_stage_steps
-    if args.gmm:
-        eval_options["gmm"] = True
+    if args.gmm is not None:
+        eval_options["gmm"] = args.gmm
+    if args.two_stage_mean:
+        eval_options["two_stage_noise"] = False
     if args.no_fid:
         eval_options["fid"] = False
     eval_options["checkpoint"] = args.checkpoint
