@@ -61,6 +61,39 @@ def test_train_sample_reconstruct_resume(tmp_path, image_config, capsys):
     assert runs.read_config(run_dir).train.epochs == 2
 
 
+def test_sample_from_the_gmm_fitted_by_eval(tmp_path, image_config, capsys):
+    """`arelbo sample --sampler gmm` decodes draws of the mixture `arelbo eval` saved, and only for the checkpoint
+    it was fitted on."""
+    import torch
+
+    from arelbo.evaluate import evaluate_run
+    from arelbo.imagegrid import make_grid
+    from arelbo.samplers import load_sampler
+
+    run_dir = tmp_path / "run"
+    assert arelbo("train", "--config", image_config, "--out", run_dir, "--quiet") == 0
+    assert arelbo("sample", run_dir, "--sampler", "gmm", "--checkpoint", "last") == 2
+    assert "fit one with `arelbo eval" in capsys.readouterr().err
+    evaluate_run(run_dir, which="last", samplers="gmm", sampler_options={"gmm": {"n_components": 2}}, n_samples=0,
+                 is_examples=0, smoothness_examples=0, mi_examples=0, progress=False)
+    assert arelbo("sample", run_dir, "--sampler", "gmm", "--checkpoint", "last", "--n", 6, "--seed", 3) == 0
+    written = np.asarray(Image.open(run_dir / "samples-gmm.png"))
+    # the same grid computed independently: the saved mixture's draws through the checkpoint's decoder
+    model, _, _ = runs.load_model(run_dir, "last")
+    gmm, _ = load_sampler(run_dir / "samplers" / "gmm.pt")
+    z = gmm.sample(6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = make_grid(model.decode(z))
+    np.testing.assert_array_equal(written.reshape(expected.shape), expected)
+    # another epoch changes last.pt: the old fit is refused, never silently used
+    assert arelbo("train", "--resume", run_dir, "--set", "train.epochs=2", "--quiet") == 0
+    capsys.readouterr()
+    assert arelbo("sample", run_dir, "--sampler", "gmm", "--checkpoint", "last") == 2
+    assert "with other weights" in capsys.readouterr().err
+    assert arelbo("sample", run_dir, "--sampler", "flow") == 2
+    assert "unknown sampler 'flow'" in capsys.readouterr().err
+
+
 def test_train_errors_are_one_line(tmp_path, image_config, capsys):
     assert arelbo("train", "--preset", "mnist-cnn") == 2
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("arelbo.evaluate", "evaluate a trained run: collapse diagnostics, -ELBO / IS-NLL, samplers + FID -> metrics.json"),
     "features": ("arelbo.features_cli", "train / inspect the MNIST feature network used for FID (mnist-features)"),
     "train": ("arelbo.train_cli", "train a VAE from a preset / YAML config / --set overrides, or --resume a run"),
-    "sample": ("arelbo.sample_cli", "write a PNG grid of prior samples from a trained run"),
+    "sample": ("arelbo.sample_cli", "write a PNG grid of samples (prior, or a sampler fitted by eval) from a trained run"),
     "reconstruct": ("arelbo.reconstruct_cli", "write data above their reconstructions from a trained run (PNG)"),
     "demo": ("arelbo.demo", "AR-ELBO vs sigma^2 = 1 on MNIST in a few CPU minutes: samples and a summary"),
     "linear": ("arelbo.linear_cli", "train linear VAEs on Gaussian data and compare with the exact closed forms"),

@@ -395,13 +395,18 @@ NOTES = [
     "Active units: latent j with Var_x(E_q[z_j]) > 0.01 on the evaluation split. KL: total KL(q(z|x) || p(z)) in nats.",
     "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: σ² "
     "estimated on the evaluation split); bits/dim of the continuous density of pixels in [0, 1], so it goes negative "
-    "for small σ² (lower is better). IS-NLL: importance-sampled at the same σ².",
+    "for small σ² (lower is better). IS-NLL: importance-sampled at the same σ² (ar-per-sample: at the isotropic "
+    "evaluation-set σ², since a per-sample σ² defines no density, so its IS-NLL can exceed its -ELBO).",
     "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
     "per-sample policies: the mean).",
     "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean.",
+    "FID: the policy's own sampler (the prior N(0, I); two-stage: its second VAE). FID (GMM), when present: a "
+    "Gaussian mixture (arelbo.samplers defaults: 10 components) fitted to the training posterior means, decoded; the "
+    "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder.",
     "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "
     "latent codes (Dai & Wipf 2019; the second stage uses arelbo.samplers' defaults, an MLP VAE with the ar "
-    "objective, for the number of steps given under evaluation); its other columns are those of the learned run.",
+    "objective, for the number of steps given under evaluation, sampled exactly: its decoder noise included unless "
+    "--two-stage-mean); its other columns are those of the learned run.",
 ]
 
 
