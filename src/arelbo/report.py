@@ -280,11 +280,11 @@ def plot_fid_bars(results: dict, path: Path) -> Figure | None:
         xs = x + (i - (len(keys) - 1) / 2) * width
         heights = [m if m is not None else 0.0 for m in means]
         ax.bar(xs, heights, width * 0.9, yerr=stds, capsize=3, color=PALETTE[i], label=FID_LEGEND.get(key, key))
-        for xi, m in zip(xs, means):
+        for xi, m, sd in zip(xs, means, stds):
             if m is None:
                 ax.text(xi, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
-            else:
-                ax.text(xi, m, f"{m:.3g}", ha="center", va="bottom", fontsize=7)
+            else:  # above the error bar, not on it
+                ax.text(xi, m + sd, f"{m:.3g}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [p["label"] for p in pols], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("FID (lower is better)")
     ax.set_title("FID per policy (mean ± std over seeds)")

@@ -10,7 +10,8 @@ through the first model is shared (:func:`decode_samples`). Registered samplers:
 - ``two-stage``: Dai & Wipf (2019)'s two-stage VAE: a second VAE (MLP encoder/decoder, latent dimension = the
   first stage's) trained with an :mod:`arelbo.objectives` policy (``ar`` by default, ``learned`` for their gamma) on
   the first stage's latent codes, z samples from q(z|x) (the aggregate posterior, redrawn every step; the
-  default) or the means mu(x). Sampling: u ~ N(0, I) -> z = second decoder's mean at u.
+  default) or the means mu(x). Sampling: u ~ N(0, I) -> z = second decoder's mean at u plus its decoder
+  noise N(0, sigma2) (``noise=False``: the mean alone, as Dai & Wipf).
 
 Fitted state is a plain dict (tensors, numbers, strings): :func:`save_sampler` / :func:`load_sampler` store it
 with the sampler's name and config, loadable with ``torch.load(weights_only=True)``.
