@@ -81,10 +81,15 @@ def _parse_samplers(samplers) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def sampler_file(run_dir, name: str) -> Path:
+    """Where ``arelbo eval`` saves a run's fitted ``name`` sampler (with the checkpoint key it was fitted for)."""
+    return Path(run_dir) / SAMPLER_DIR / f"{name}.pt"
+
+
 def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress):
     from arelbo.samplers import load_sampler, make_sampler, save_sampler
 
-    path = Path(run_dir) / SAMPLER_DIR / f"{name}.pt"
+    path = sampler_file(run_dir, name)
     if path.is_file() and not refit:
         try:
             sampler, extra = load_sampler(path)
@@ -152,6 +157,7 @@ def evaluate_run(
         iterate_batches,
         mutual_information,
     )
+    from arelbo.metrics.features import sha256_file
     from arelbo.metrics.likelihood import (
         ELBOAccumulator,
         importance_sampled_nll_dataset,
@@ -275,7 +281,7 @@ def evaluate_run(
     use_kid = (n_samples < 2048) if kid is None else bool(kid)
     reference_name = f"{splits.name}:{split}" + (f"[:{n_eval}]" if max_examples is not None else "")
     train_loader = make_loader(train_data, batch_size, shuffle=False) if sampler_names else None
-    ckpt_hash = _sha256(ckpt_file) if sampler_names else None  # a saved sampler fit is reused only for this file
+    ckpt_hash = sha256_file(ckpt_file) if sampler_names else None  # a saved sampler fit is reused only for this file
     sampler_results: dict[str, Any] = {}
     fid_results: dict[str, Any] = {}
     for name in sampler_names:
@@ -396,16 +402,6 @@ def evaluate_run(
     if write:
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
-
-
-def _sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sampler_params(name: str) -> list[str]:

@@ -224,21 +224,18 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
               ("FID", [("fid", "-", " (prior sampler)"), ("fid_gmm", ":", " (GMM sampler)")])]
     fig = _figure(10, 7)
     axes = fig.subplots(2, 2)
+    curves_of = sweep["curves"]
     for ax, (title, curves) in zip(axes.flat, panels):
-        n = 0
-        for key, ls, suffix in curves:
-            if key not in sweep["curves"]:
+        curves = [c for c in curves if c[0] in curves_of]  # results.json written before fid_gmm existed lack it
+        n = sum(_errorbar(ax, sweep["sigma2"], curves_of[key], color="#333333", marker="o", lw=1.5, ls=ls,
+                          label=f"fixed σ²{suffix}") for key, ls, suffix in curves)
+        for i, ref in enumerate(sweep["references"]):  # the reference's final σ² and its values there
+            s2 = (ref.get("sigma2") or {}).get("mean")
+            if s2 is None:
                 continue
-            drawn = _errorbar(ax, sweep["sigma2"], sweep["curves"][key], color="#333333", marker="o", lw=1.5,
-                              ls=ls, label=f"fixed σ²{suffix}")
-            n += drawn
-            for i, ref in enumerate(sweep["references"]):
-                s2 = (ref.get("sigma2") or {}).get("mean")
-                if s2 is None:
-                    continue
-                color = PALETTE[(3 + i) % len(PALETTE)]
-                if key == curves[0][0]:
-                    ax.axvline(s2, color=color, ls="--", lw=1.2, label=f"{ref['label']}: final σ²={s2:.3g}")
+            color = PALETTE[(3 + i) % len(PALETTE)]
+            ax.axvline(s2, color=color, ls="--", lw=1.2, label=f"{ref['label']}: final σ²={s2:.3g}")
+            for key, _, _ in curves:
                 agg = ref.get(key) or {}
                 if agg.get("mean") is not None:
                     ax.errorbar([s2], [agg["mean"]], yerr=[agg.get("std") or 0.0], color=color, marker="*",

@@ -24,20 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fitted_sampler(run_dir, name: str, checkpoint: str = "best"):
     """The sampler ``arelbo eval`` fitted and saved for this run's ``checkpoint``; errors say how to make one."""
-    from arelbo.evaluate import SAMPLER_DIR, _sha256
+    from arelbo.evaluate import sampler_file
+    from arelbo.metrics.features import sha256_file
     from arelbo.runs import checkpoint_path
     from arelbo.samplers import SAMPLERS, load_sampler
 
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}")
     ckpt = checkpoint_path(run_dir, checkpoint)
-    path = Path(run_dir) / SAMPLER_DIR / f"{name}.pt"
+    path = sampler_file(run_dir, name)
     fit_it = f"`arelbo eval {run_dir} --which {checkpoint} --sampler {name}`"
     if not path.is_file():
         raise FileNotFoundError(f"no fitted {name!r} sampler in {path.parent}: fit one with {fit_it}")
     sampler, extra = load_sampler(path)
     key = extra.get("key") or {}
-    if key.get("checkpoint_sha256") != _sha256(ckpt):
+    if key.get("checkpoint_sha256") != sha256_file(ckpt):
         raise ValueError(f"{path} was fitted for checkpoint {key.get('checkpoint')!r} with other weights than "
                          f"{ckpt.name}: pass --checkpoint {Path(str(key.get('checkpoint', 'last'))).stem} or refit "
                          f"with {fit_it}")
@@ -50,6 +51,7 @@ def sample_grid(run_dir, n: int = 64, seed: int = 0, nrow=None, checkpoint: str 
 
     from arelbo.imagegrid import make_grid
     from arelbo.runs import load_model
+    from arelbo.samplers import decode_samples
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
@@ -57,9 +59,7 @@ def sample_grid(run_dir, n: int = 64, seed: int = 0, nrow=None, checkpoint: str 
     generator = torch.Generator().manual_seed(seed)
     if sampler == "prior":
         return make_grid(model.sample(n, generator=generator), nrow=nrow)
-    z = fitted_sampler(run_dir, sampler, checkpoint).sample(n, generator=generator)
-    with torch.inference_mode():
-        return make_grid(model.decode(z.to(next(model.parameters()).dtype)), nrow=nrow)
+    return make_grid(decode_samples(model, fitted_sampler(run_dir, sampler, checkpoint), n, generator), nrow=nrow)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -47,7 +47,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -474,7 +474,7 @@ def plan_study(
     base = load_config(preset, config_file, [*layers, *overrides])
     opts = EvalOptions(**{**asdict(sc.eval), **(eval_options or {})})
     if not opts.fid and opts.gmm:  # the GMM sampler exists only as an FID column: without FID, do not fit it
-        opts = EvalOptions(**{**asdict(opts), "gmm": False})
+        opts = replace(opts, gmm=False)
     if opts.n_samples < 0 or opts.k < 1 or opts.is_examples < 0:
         raise StudyError("evaluation needs n_samples >= 0, k >= 1, is_examples >= 0")
     if opts.checkpoint not in ("best", "last"):
