@@ -202,13 +202,18 @@ class ObjectiveConfig(_Section):
     sigma2: float = 1.0  # "fixed" only
     beta: float = 1.0  # "beta" only
     init_sigma2: float = 1.0  # "learned" only
+    init_mle: bool = False  # "learned" only: start log sigma2 at the first training batch's MLE S / D
+    log_sigma2_lr: Optional[float] = None  # "learned" only: its own Adam learning rate (None: train.lr)
     momentum: float = 0.99  # "ar-ema" only
+    anneal_steps: int = 10000  # "ar-annealed" only: steps for the sigma2 floor to decay to sigma2_floor
+    anneal_from: float = 1.0  # "ar-annealed" only: the floor at step 0
     sigma2_floor: float = 1e-6
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"objective.policy {self.policy!r} unknown; known: {', '.join(sorted(POLICIES))}")
-        self._positive("sigma2", "beta", "init_sigma2", "sigma2_floor")
+        self._positive("sigma2", "beta", "init_sigma2", "sigma2_floor", "log_sigma2_lr", "anneal_steps",
+                       "anneal_from")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"objective.momentum must be in [0, 1), got {self.momentum}")
 
@@ -255,6 +260,7 @@ class TrainConfig(_Section):
     log_every_n_steps: int = 50  # training-step records in metrics.jsonl and TensorBoard
     checkpoint_every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always at the end)
     save_best: bool = True  # keep checkpoints/best.pt, the lowest validation -ELBO
+    snapshot_steps: list[int] = field(default_factory=list)  # also keep checkpoints/step-<N>.pt at these steps
     limit_train_batches: Optional[Union[int, float]] = None  # int: batches per epoch; float: fraction
     limit_val_batches: Optional[Union[int, float]] = None
     n_samples: int = 64  # prior samples written to samples.png at the end (0: none)
@@ -277,6 +283,9 @@ class TrainConfig(_Section):
                 raise ConfigError(f"train.{name} as a fraction must be <= 1.0, got {value} (use an int for batches)")
         if self.limit_train_batches == 0:
             raise ConfigError("train.limit_train_batches must be > 0")
+        if any(s < 1 for s in self.snapshot_steps):
+            raise ConfigError(f"train.snapshot_steps must be global steps >= 1, got {self.snapshot_steps}")
+        self.snapshot_steps = sorted(set(self.snapshot_steps))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig}

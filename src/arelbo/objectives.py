@@ -157,6 +157,10 @@ class DecoderVariance(nn.Module):
     def loss(self, sq_err: Tensor, rate: Tensor, sigma2: Tensor) -> Tensor:
         return neg_elbo_per_sample(sq_err, sigma2, self.kl_weight * rate).mean()
 
+    def optimizer_options(self) -> dict:
+        """Optimiser options (e.g. ``{"lr": 1e-2}``) for this policy's own parameters; {}: the trainer's."""
+        return {}
+
     def extra_repr(self) -> str:
         return f"floor={self.floor:g}"
 
@@ -221,20 +225,46 @@ class Beta(Fixed):
 class Learned(DecoderVariance):
     """log sigma2 an ``nn.Parameter`` trained by gradient with the rest (Dai & Wipf's gamma; sigma-VAE).
 
-    Put the loss's parameters in the optimiser: ``Adam([*model.parameters(), *loss_fn.parameters()])``.
+    Put the loss's parameters in the optimiser: ``Adam([*model.parameters(), *loss_fn.parameters()])``; a trainer
+    should give them the options of :meth:`optimizer_options` (their own learning rate).
+
+    Two options make it a fair baseline against AR-ELBO, whose sigma2 sits at the batch MLE from the first step:
+    with Adam, log sigma2 moves by about ``lr`` per step, so from 1 at lr 1e-3 it needs thousands of steps to
+    reach MLE-sized values; ``log_sigma2_lr`` gives it its own learning rate, and ``init_mle`` sets it on the
+    first training call to the batch MLE S / D (all-reduced; ``init_sigma2`` is then unused). Whether that
+    happened is a buffer in the state_dict, so a resumed run does not re-initialise.
     """
 
     name = "learned"
 
-    def __init__(self, init_sigma2: float = 1.0, floor: float = 1e-6):
+    def __init__(self, init_sigma2: float = 1.0, floor: float = 1e-6, init_mle: bool = False,
+                 log_sigma2_lr: float | None = None):
         super().__init__(floor)
         if not init_sigma2 > 0:
             raise ValueError(f"init_sigma2 must be > 0, got {init_sigma2}")
+        if log_sigma2_lr is not None and not (math.isfinite(log_sigma2_lr) and log_sigma2_lr > 0):
+            raise ValueError(f"log_sigma2_lr must be a positive number or None, got {log_sigma2_lr!r}")
         self.log_sigma2 = nn.Parameter(torch.tensor(math.log(init_sigma2)))
+        self.init_mle = bool(init_mle)
+        self.log_sigma2_lr = None if log_sigma2_lr is None else float(log_sigma2_lr)
+        if self.init_mle:  # only then: state_dicts of plain learned runs keep their keys
+            self.register_buffer("initialised", torch.tensor(False))
+
+    def optimizer_options(self) -> dict:
+        return {} if self.log_sigma2_lr is None else {"lr": self.log_sigma2_lr}
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
+        if self.init_mle and self.training and not bool(self.initialised):
+            total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+            with torch.no_grad():
+                self.log_sigma2.copy_((total / count).clamp_min(self.floor).log().to(self.log_sigma2.dtype))
+                self.initialised.fill_(True)
         # A floor through a smooth max would bias the optimum; clamp only where it binds.
         return self.log_sigma2.exp().clamp_min(self.floor).to(sq_err.dtype)
+
+    def extra_repr(self) -> str:
+        lr = "" if self.log_sigma2_lr is None else f", log_sigma2_lr={self.log_sigma2_lr:g}"
+        return f"floor={self.floor:g}, init_mle={self.init_mle}{lr}"
 
 
 @register_policy
@@ -303,6 +333,45 @@ class AREMA(DecoderVariance):
         return f"momentum={self.momentum:g}, floor={self.floor:g}"
 
 
+@register_policy
+class ARAnnealed(DecoderVariance):
+    """AR-ELBO with a floor on sigma2 that decays from ``anneal_from`` to ``floor`` over ``anneal_steps`` steps.
+
+    sigma2 = max(batch MLE, floor_t) with log floor_t = log anneal_from + min(t / anneal_steps, 1) (log floor -
+    log anneal_from): log-linear, so every decade takes the same number of steps. Early on the floor binds and the
+    loss is the fixed-sigma2 VAE at floor_t (a slow descent like a learned sigma2 from 1); once the MLE is above
+    the floor it is AR-ELBO. t counts training calls; it is a buffer in the state_dict, so a run resumes exactly.
+    In eval mode t does not advance.
+    """
+
+    name = "ar-annealed"
+
+    def __init__(self, anneal_steps: int = 10000, anneal_from: float = 1.0, floor: float = 1e-6):
+        super().__init__(floor)
+        if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 1:
+            raise ValueError(f"anneal_steps must be an integer >= 1, got {anneal_steps!r}")
+        if not (math.isfinite(anneal_from) and anneal_from >= self.floor):
+            raise ValueError(f"anneal_from must be >= the floor {self.floor:g}, got {anneal_from!r}")
+        self.anneal_steps, self.anneal_from = int(anneal_steps), float(anneal_from)
+        self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long))
+
+    def current_floor(self, step: int | None = None) -> float:
+        """floor_t at step t (default: the current step count)."""
+        t = int(self.num_steps) if step is None else int(step)
+        frac = min(max(t, 0) / self.anneal_steps, 1.0)
+        return math.exp(math.log(self.anneal_from) + frac * (math.log(self.floor) - math.log(self.anneal_from)))
+
+    def sigma2(self, sq_err: Tensor) -> Tensor:
+        floor_t = self.current_floor()
+        if self.training:
+            self.num_steps.add_(1)
+        total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+        return (total / count).clamp_min(floor_t).to(sq_err.dtype)
+
+    def extra_repr(self) -> str:
+        return f"anneal_steps={self.anneal_steps}, anneal_from={self.anneal_from:g}, floor={self.floor:g}"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The loss
 
@@ -312,7 +381,7 @@ class GaussianVAELoss(nn.Module):
 
     Args:
         policy: a registered name (``"ar"`` default, ``"fixed"``, ``"beta"``, ``"learned"``, ``"ar-diagonal"``,
-            ``"ar-per-sample"``, ``"ar-ema"``) or a :class:`DecoderVariance` instance.
+            ``"ar-per-sample"``, ``"ar-ema"``, ``"ar-annealed"``) or a :class:`DecoderVariance` instance.
         sigma2_floor: numerical floor on sigma2 (near-perfect reconstruction would send log sigma2 to -inf).
         check_finite: raise on NaN/inf in the inputs (costs one device sync per call; turn off in hot loops
             that already guard the loss).

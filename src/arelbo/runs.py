@@ -88,6 +88,11 @@ def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
     return path
 
 
+def snapshot_name(step: int) -> str:
+    """The ``which`` name of the snapshot kept at global step ``step`` (``checkpoints/step-<step>.pt``)."""
+    return f"step-{int(step)}"
+
+
 def load_model(run_dir: str | os.PathLike, which: str = "best", map_location="cpu"):
     """Rebuild (model, loss_fn, checkpoint) from a run directory, in eval mode, with nothing but its files."""
     from arelbo.config import ModelConfig, ObjectiveConfig

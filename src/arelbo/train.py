@@ -11,7 +11,7 @@ This is the only module of the package that imports a training framework. What i
   processes.
 * **Checkpoints** in the package's own format (:mod:`arelbo.runs`: atomic writes, ``torch.load(weights_only=True)``,
   ``runs.load_model(run_dir)``): ``checkpoints/last.pt`` every N epochs and at the end, ``checkpoints/best.pt`` by
-  validation -ELBO. They carry Lightning's loop/optimiser/scheduler state plus the objective's state and every RNG.
+  validation -ELBO, and ``checkpoints/step-<N>.pt`` at each of ``train.snapshot_steps``. They carry Lightning's loop/optimiser/scheduler state plus the objective's state and every RNG.
 * **Exact resume** (:func:`resume`): the data order is a function of (seed, epoch) only, the reparameterisation
   noise comes from the restored global RNG, validation noise from its own (seed, epoch) generator, so
   "2 epochs" and "1 epoch, stop, resume to 2" give identical parameters.
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 # Policies whose validation -ELBO uses sigma2 estimated on the validation set (the rule over the whole set).
-ESTIMATED_ISOTROPIC = ("ar", "ar-ema")
+ESTIMATED_ISOTROPIC = ("ar", "ar-ema", "ar-annealed")
 ESTIMATED_DIAGONAL = ("ar-diagonal",)
 ACTIVE_UNIT_THRESHOLD = 0.01
 RUN_DIR_ENV = "ARELBO_RUN_DIR"  # lets processes re-launched by the "ddp" strategy find their run directory
@@ -224,8 +224,9 @@ class VAEModule(pl.LightningModule):
         decay = [p for p in self.model.parameters() if p.requires_grad]
         groups = [{"params": decay, "weight_decay": t.weight_decay}]
         objective_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        if objective_params:  # e.g. the "learned" policy's log sigma2: never weight-decayed
-            groups.append({"params": objective_params, "weight_decay": 0.0})
+        if objective_params:  # e.g. the "learned" policy's log sigma2: never weight-decayed, maybe its own lr
+            groups.append({"params": objective_params, "weight_decay": 0.0,
+                           **self.loss_fn.policy.optimizer_options()})
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         optimizer = cls(groups, lr=t.lr, betas=tuple(t.betas))
         if t.schedule == "none" and t.warmup_steps == 0:
@@ -493,6 +494,21 @@ class RunCheckpoint(Checkpoint):
             self._save(trainer, best=False)
 
 
+class SnapshotCheckpoint(pl.Callback):
+    """Keep ``checkpoints/step-<N>.pt`` (the format of ``last.pt``, written the same atomic way) right after the
+    optimiser step that reaches each global step N of ``steps``: the states later evaluated to show metrics
+    against training steps. Never overwritten by later steps; a resumed run writes the ones still ahead of it."""
+
+    def __init__(self, run_dir, steps: Sequence[int]):
+        self.dir = Path(run_dir) / runs.CHECKPOINT_DIR
+        self.steps = frozenset(int(s) for s in steps)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # already counts this batch's optimiser step
+        if step in self.steps:
+            trainer.save_checkpoint(self.dir / f"{runs.snapshot_name(step)}.pt", weights_only=False)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Running
 
@@ -550,7 +566,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callback
         use_distributed_sampler=False,  # our samplers shard by (rank, world) themselves
         enable_progress_bar=progress,
         enable_model_summary=progress,
-        callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best), *callbacks],
+        callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best),
+                   *([SnapshotCheckpoint(run_dir, t.snapshot_steps)] if t.snapshot_steps else []), *callbacks],
         plugins=[RunCheckpointIO()],
         logger=loggers,
         default_root_dir=str(run_dir),

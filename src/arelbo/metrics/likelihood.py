@@ -51,7 +51,7 @@ __all__ = [
 LOG_2PI = math.log(2.0 * math.pi)
 LN2 = math.log(2.0)
 
-ISOTROPIC_MLE = ("ar", "ar-ema")  # evaluated with the eval-set isotropic maximum-likelihood sigma2
+ISOTROPIC_MLE = ("ar", "ar-ema", "ar-annealed")  # evaluated with the eval-set isotropic maximum-likelihood sigma2
 DIAGONAL_MLE = ("ar-diagonal",)
 PER_SAMPLE_MLE = ("ar-per-sample",)
 GIVEN = ("fixed", "beta", "learned")  # the policy's own sigma2
