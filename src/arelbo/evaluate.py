@@ -81,15 +81,44 @@ def _parse_samplers(samplers) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def sampler_file(run_dir, name: str) -> Path:
-    """Where ``arelbo eval`` saves a run's fitted ``name`` sampler (with the checkpoint key it was fitted for)."""
-    return Path(run_dir) / SAMPLER_DIR / f"{name}.pt"
+FINAL_CHECKPOINTS = ("best", "last")  # evaluated into metrics.json; any other checkpoint into metrics-<stem>.json
 
 
-def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress):
+def _checkpoint_stem(which: str) -> str | None:
+    """None for best/last, else the checkpoint's file stem (``step-2000`` for checkpoints/step-2000.pt)."""
+    return None if which in FINAL_CHECKPOINTS else Path(str(which)).stem
+
+
+def metrics_file(run_dir, which: str = "best") -> Path:
+    """Where ``arelbo eval --which WHICH`` writes: ``metrics.json`` for best/last (one final evaluation per run),
+    ``metrics-<stem>.json`` for another checkpoint (e.g. the snapshot ``step-2000``), so they sit side by side."""
+    stem = _checkpoint_stem(which)
+    return Path(run_dir) / (METRICS_FILE if stem is None else f"metrics-{stem}.json")
+
+
+def sampler_file(run_dir, name: str, which: str = "best") -> Path:
+    """Where ``arelbo eval`` saves a run's fitted ``name`` sampler (with the checkpoint key it was fitted for):
+    ``samplers/NAME.pt`` for best/last, ``samplers/<stem>/NAME.pt`` for another checkpoint (a snapshot's fit must
+    not replace the final one's)."""
+    stem = _checkpoint_stem(which)
+    base = Path(run_dir) / SAMPLER_DIR
+    return (base if stem is None else base / stem) / f"{name}.pt"
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: CUDA when available, else CPU; anything else as given."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress,
+                         which="best"):
     from arelbo.samplers import load_sampler, make_sampler, save_sampler
 
-    path = sampler_file(run_dir, name)
+    path = sampler_file(run_dir, name, which)
     if path.is_file() and not refit:
         try:
             sampler, extra = load_sampler(path)
@@ -178,6 +207,7 @@ def evaluate_run(
     if bad:
         raise ValueError(f"options given for sampler(s) {bad} that are not being evaluated ({sampler_names})")
 
+    device = resolve_device(device)
     ckpt_file = checkpoint_path(run_dir, which)
     model, loss_fn, ckpt = load_model(run_dir, which, map_location=device)
     model.to(device)
@@ -273,7 +303,7 @@ def evaluate_run(
         try:  # fail once, before any sample is drawn, when the feature network cannot be loaded
             from arelbo.metrics.features import get_feature_net
 
-            get_feature_net(net)
+            get_feature_net(net)[0].to(device)  # features on the evaluation's device (a GPU when there is one)
         except ImportError:
             pass  # no separate loader to check: compute_fid reports its own errors
         except Exception as err:
@@ -292,7 +322,7 @@ def evaluate_run(
         key = {"checkpoint": ckpt_file.name, "checkpoint_sha256": ckpt_hash, "options": _clean(options),
                "fit_split": "train", "fit_examples": int(train_data.shape[0])}
         sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write,
-                                             refit_samplers, None, progress)
+                                             refit_samplers, None, progress, which)
         info.update({"config": _clean(sampler.config()), "fit_info": _clean(sampler.fit_info),
                      "fit_examples": int(train_data.shape[0]), "n_samples": int(n_samples)})
         sampler_results[name] = info
@@ -365,7 +395,7 @@ def evaluate_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("step")),
-                       "epoch": _clean(ckpt.get("epoch"))},
+                       "epoch": _clean(ckpt.get("epoch")), "global_step": _clean(ckpt.get("global_step"))},
         "run": {"dataset": splits.name, "data_shape": list(splits.shape), "arch": cfg.get("model", {}).get("arch"),
                 "latent_dim": q, "policy": policy_name},
         "protocol": {
@@ -400,7 +430,7 @@ def evaluate_run(
     }
     result = _clean(result)
     if write:
-        atomic_write_text(run_dir / METRICS_FILE, json.dumps(result, indent=2, sort_keys=False) + "\n")
+        atomic_write_text(metrics_file(run_dir, which), json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
 
 
@@ -484,7 +514,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoints/)")
-    parser.add_argument("--which", default="best", help="checkpoint: best, last, or a file in checkpoints/ (default best)")
+    parser.add_argument("--which", default="best",
+                        help="checkpoint: best, last (written to metrics.json), or another file in checkpoints/, e.g. "
+                             "step-2000 (written to metrics-step-2000.json) (default best)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="evaluation split (default test)")
     parser.add_argument("--n-samples", type=int, default=10000, help="generated samples per sampler for FID (default 10000)")
     parser.add_argument("--k", type=int, default=100, help="importance samples per example for the IS-NLL (default 100)")
@@ -505,7 +537,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sq-err", default="auto", choices=("auto", "sample", "exact", "mean"),
                         help="how E_q||x - f(z)||^2 is computed for -ELBO and the ar sigma2 (default auto)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available) (default cpu)")
     parser.add_argument("--data-root", default=None, help="override the dataset root recorded in the run's config")
     parser.add_argument("--refit-samplers", action="store_true", help="refit samplers even when a saved fit matches")
     parser.add_argument("--no-write", action="store_true", help="do not write metrics.json or sampler files")
@@ -558,5 +590,5 @@ def run(args) -> int:
     else:
         print(format_table(result))
         if not args.no_write:
-            print(f"\nwrote {Path(args.run_dir) / METRICS_FILE}")
+            print(f"\nwrote {metrics_file(args.run_dir, args.which)}")
     return 0

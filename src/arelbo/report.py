@@ -96,6 +96,39 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return header, rows, notes
 
 
+def paired_rows(results: dict) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header, rows) of the paired differences (reference - policy, same seed, t-interval), or rows = []."""
+    paired = results.get("paired") or {}
+    labels = {c["key"]: c["label"] + (f" ({c['unit']})" if c["unit"] else "") for c in results.get("columns", [])}
+    header = ["policy", "metric", "seeds", "difference (mean)", f"{round(100 * paired.get('confidence', 0.95))}% interval",
+              f"{paired.get('reference_label', 'reference')} is"]
+    rows = []
+    for r in paired.get("rows") or []:
+        interval = "n/a" if r["lo"] is None else f"[{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
+        rows.append([r["label"], labels.get(r["key"], r["key"]), str(r["n"]), _fmt(r["mean"]), interval, r["verdict"]])
+    title = (f"Paired differences: {paired.get('reference_label', '')} minus each policy, seed by seed"
+             if paired else "")
+    return title, header, rows
+
+
+CURVE_KEYS = ("fid", "fid_gmm", "active_units", "kl_total", "neg_elbo_ar", "sigma2_final")
+
+
+def curve_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the metrics at each kept snapshot and at the end, per policy (rows = [] without any)."""
+    labels = {c["key"]: c["label"] for c in results.get("columns", [])}
+    labels.update(neg_elbo_ar="-ELBO at the ar σ² (nats)", sigma2_final="σ²")
+    keys = [k for k in CURVE_KEYS if k in labels and (k != "fid_gmm" or any(c["key"] == k for c in results["columns"]))]
+    header = ["policy", "step"] + [labels[k] for k in keys]
+    rows = []
+    for p in results["policies"]:
+        for point in p.get("curve") or []:
+            step = "n/a" if point["step"] is None else str(point["step"])
+            rows.append([p["label"], step + (" (end)" if point["final"] else "")]
+                        + [format_cell(point["aggregate"].get(k), 4) for k in keys])
+    return header, rows
+
+
 def failures(results: dict) -> list[tuple[str, int, str]]:
     return [(p["label"], c["seed"], c.get("error") or c["status"]) for p in results["policies"] for c in p["cells"]
             if c["status"] != "done"]
@@ -426,6 +459,17 @@ def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out
     if bad:
         lines += ["", "Runs without results:", ""] + [f"- {esc(p)} seed {s}: {esc(e)}" for p, s, e in bad]
     lines += ["", *[f"- {n}" for n in NOTES]]
+    title, pheader, prow = paired_rows(results)
+    if prow:
+        lines += ["", f"## {title}", "", "An interval that excludes zero is a difference beyond the spread of the "
+                  "training seeds; otherwise the two are within the spread.", "",
+                  "| " + " | ".join(esc(h) for h in pheader) + " |", "|" + " --- |" * len(pheader)]
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in prow]
+    cheader, crows = curve_rows(results)
+    if crows:
+        lines += ["", "## Against training steps", "", "Mean ± std over seeds at each kept snapshot and at the end.",
+                  "", "| " + " | ".join(esc(h) for h in cheader) + " |", "|" + " --- |" * len(cheader)]
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in crows]
     for f in figures:
         lines += ["", f"## {f.title}", "", f"![{f.title}]({rel(f.path)})", "", f.caption]
     if grids:
@@ -493,6 +537,14 @@ def render_html(results: dict, figures: list[Figure], grids: list[dict]) -> str:
         parts.append("<p>Runs without results:</p><ul class=\"notes\">"
                      + "".join(f"<li>{e(p)} seed {s}: {e(err)}</li>" for p, s, err in bad) + "</ul>")
     parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in NOTES) + "</ul>")
+    title, pheader, prow = paired_rows(results)
+    cheader, crows = curve_rows(results)
+    for key, heading, header_, rows_ in (("paired", title, pheader, prow), ("curve", "Against training steps", cheader, crows)):
+        if rows_:
+            parts += [f'<h2 id="{key}">{e(heading)}</h2>', '<div class="tablewrap">', '<table class="results">',
+                      "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header_) + "</tr></thead>", "<tbody>"]
+            parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows_]
+            parts += ["</tbody>", "</table>", "</div>"]
     for f in figures:
         parts += [f'<h2 id="{e(f.key)}">{e(f.title)}</h2>', "<figure>",
                   f'<img src="{_data_uri(f.path)}" alt="{e(f.title)}">', f"<figcaption>{e(f.caption)}</figcaption>",

@@ -32,7 +32,7 @@ def fitted_sampler(run_dir, name: str, checkpoint: str = "best"):
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}")
     ckpt = checkpoint_path(run_dir, checkpoint)
-    path = sampler_file(run_dir, name)
+    path = sampler_file(run_dir, name, checkpoint)
     fit_it = f"`arelbo eval {run_dir} --which {checkpoint} --sampler {name}`"
     if not path.is_file():
         raise FileNotFoundError(f"no fitted {name!r} sampler in {path.parent}: fit one with {fit_it}")

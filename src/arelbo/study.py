@@ -14,13 +14,19 @@ A sweep is a compare whose policy list is generated (``fixed:S`` over a grid of 
 ``fixed:S``            fixed decoder variance sigma2 = S > 0 (``fixed:1`` is the classic VAE)
 ``beta:B``             beta-VAE on plain squared error, B > 0
 ``learned[:S0]``       log sigma2 learned by gradient (Dai & Wipf's gamma, sigma-VAE), initialised at S0 (default 1)
-``two-stage[:S0]``     Dai & Wipf's two-stage VAE: stage 1 is the ``learned[:S0]`` run, generation (FID) uses the
+``learned:mle,lr=X``   the same, initialised at the first training batch's MLE S / D, with its own Adam learning
+                       rate X for log sigma2 (either part alone works: ``learned:mle``, ``learned:lr=0.01``,
+                       ``learned:0.5,lr=0.01``); the naive ``learned`` moves log sigma2 ~train.lr per step
+``learned-fair``       short for ``learned:mle,lr=0.01`` (the fair baseline: starts where AR-ELBO starts)
+``two-stage[:ARGS]``   Dai & Wipf's two-stage VAE: stage 1 is the ``learned[:ARGS]`` run, generation (FID) uses the
                        ``two-stage`` sampler (a second VAE on the latent codes). It shares the training run of
-                       ``learned[:S0]`` (same config, same seed: one run, two samplers)
+                       ``learned[:ARGS]`` (same config, same seed: one run, two samplers)
 ``ar``                 AR-ELBO, isotropic (the method)
 ``ar-diagonal``        AR-ELBO, one variance per observed element
 ``ar-per-sample``      AR-ELBO, one variance per data point
 ``ar-ema[:M]``         AR-ELBO with an exponential moving average of the batch MLE, momentum M in [0, 1)
+``ar-annealed[:N]``    AR-ELBO with a floor on sigma2 decaying log-linearly from 1 to sigma2_floor over N steps
+                       (default objective.anneal_steps, 10000)
 =====================  ==========================================================================================
 
 Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ N(0, I)) and, by default, also with a
@@ -118,8 +124,8 @@ class PolicySpec:
         return asdict(self)
 
 
-_GRAMMAR = ("fixed:S (S > 0), beta:B (B > 0), learned[:S0], two-stage[:S0], ar, ar-diagonal, ar-per-sample, "
-            "ar-ema[:M] (0 <= M < 1)")
+_GRAMMAR = ("fixed:S (S > 0), beta:B (B > 0), learned[:S0|mle][,lr=X], learned-fair, two-stage[:S0|mle][,lr=X], "
+            "ar, ar-diagonal, ar-per-sample, ar-ema[:M] (0 <= M < 1), ar-annealed[:N] (N >= 1 steps)")
 
 
 def _spec_number(spec: str, raw: str, what: str, lo: float = 0.0, lo_inclusive: bool = False,
@@ -133,6 +139,43 @@ def _spec_number(spec: str, raw: str, what: str, lo: float = 0.0, lo_inclusive: 
         bound = f"{'>=' if lo_inclusive else '>'} {_num(lo)}" + (f" and < {_num(hi)}" if hi is not None else "")
         raise StudyError(f"policy {spec!r}: {what} must be {bound}, got {raw}")
     return value
+
+
+FAIR_LEARNED = "learned:mle,lr=0.01"  # what "learned-fair" stands for
+
+
+def _learned_args(text: str, arg: str) -> tuple[dict, list[str], str]:
+    """``learned``'s comma-separated arguments: S0 (initial sigma2) or ``mle``, and ``lr=X`` -> (objective.*
+    settings, canonical parts in order, label suffix)."""
+    objective: dict[str, Any] = {"policy": "learned"}
+    init, lr = None, None
+    for item in (a.strip() for a in arg.split(",")) if arg else ():
+        if not item:
+            raise StudyError(f"policy {text!r}: empty argument; valid forms: {_GRAMMAR}")
+        if item.startswith("lr="):
+            if lr is not None:
+                raise StudyError(f"policy {text!r}: lr given twice")
+            lr = _spec_number(text, item[3:].strip(), "the log sigma2 learning rate")
+        elif init is not None:
+            raise StudyError(f"policy {text!r}: give one initial value (a number or mle), got two")
+        elif item == "mle":
+            init = "mle"
+        else:
+            init = _spec_number(text, item, "the initial sigma2")
+    parts, label = [], []
+    if init == "mle":
+        objective["init_mle"] = True
+        parts.append("mle")
+        label.append("MLE init")
+    elif init is not None:
+        objective["init_sigma2"] = init
+        parts.append(_num(init))
+        label.append(f"init {_num(init)}")
+    if lr is not None:
+        objective["log_sigma2_lr"] = lr
+        parts.append(f"lr={_num(lr)}")
+        label.append(f"lr {_num(lr)}")
+    return objective, parts, (" (" + ", ".join(label) + ")") if label else ""
 
 
 def parse_policy(text: str) -> PolicySpec:
@@ -157,19 +200,30 @@ def parse_policy(text: str) -> PolicySpec:
         b = _spec_number(text, arg, "beta")
         return PolicySpec(f"beta:{_num(b)}", f"beta-{_num(b)}", f"β-VAE β={_num(b)}", "beta",
                           {"policy": "beta", "beta": b}, "prior", f"beta-{_num(b)}")
-    if name in ("learned", "two-stage"):
+    if name == "learned-fair":
         if sep:
-            s0 = _spec_number(text, arg, "the initial sigma2")
-            suffix, objective = f":{_num(s0)}", {"policy": "learned", "init_sigma2": s0}
-        else:
-            suffix, objective = "", {"policy": "learned"}
-        learned_slug = "learned" + suffix.replace(":", "-")
+            raise StudyError(f"policy {text!r}: learned-fair takes no argument (it is {FAIR_LEARNED}); "
+                             f"write learned:mle,lr=X for another learning rate")
+        name, sep, arg = "learned", ":", FAIR_LEARNED.partition(":")[2]
+    if name in ("learned", "two-stage"):
+        objective, parts, label = _learned_args(text, arg if sep else "")
+        suffix = (":" + ",".join(parts)) if parts else ""
+        learned_slug = "learned" + "".join("-" + q.replace("=", "") for q in parts)
         if name == "learned":
-            return PolicySpec("learned" + suffix, learned_slug, "learned σ²" + suffix.replace(":", " init "), "learned",
-                              objective, "prior", learned_slug)
-        return PolicySpec("two-stage" + suffix, "two-stage" + suffix.replace(":", "-"),
-                          "two-stage VAE" + suffix.replace(":", " init σ² "), "learned", objective, "two-stage",
-                          learned_slug)
+            return PolicySpec("learned" + suffix, learned_slug, "learned σ²" + label, "learned", objective, "prior",
+                              learned_slug)
+        return PolicySpec("two-stage" + suffix, "two-stage" + learned_slug[len("learned"):], "two-stage VAE" + label,
+                          "learned", objective, "two-stage", learned_slug)
+    if name == "ar-annealed":
+        if not sep:
+            return PolicySpec("ar-annealed", "ar-annealed", "AR-ELBO annealed", "ar-annealed",
+                              {"policy": "ar-annealed"}, "prior", "ar-annealed")
+        n = _spec_number(text, arg, "the annealing steps", lo=1.0, lo_inclusive=True)
+        if not n.is_integer():
+            raise StudyError(f"policy {text!r}: the annealing steps must be a whole number, got {arg}")
+        n = int(n)
+        return PolicySpec(f"ar-annealed:{n}", f"ar-annealed-{n}", f"AR-ELBO annealed over {n} steps", "ar-annealed",
+                          {"policy": "ar-annealed", "anneal_steps": n}, "prior", f"ar-annealed-{n}")
     if name == "ar-ema":
         if sep:
             m = _spec_number(text, arg, "the momentum", lo=0.0, lo_inclusive=True, hi=1.0)
@@ -282,6 +336,9 @@ class EvalOptions:
     two_stage_noise: bool = True
     batch_size: int = 500
     seed: int = 0
+    # Also evaluate every kept snapshot (checkpoints/step-<N>.pt from train.snapshot_steps) into
+    # metrics-step-<N>.json, with the same request: metrics against training steps.
+    snapshots: bool = True
 
     def samplers_for(self, headline: Iterable[str]) -> list[str]:
         names = ["prior", *headline] + (["gmm"] if self.gmm else [])
@@ -297,16 +354,16 @@ class EvalOptions:
             opts["noise"] = bool(self.two_stage_noise)
         return {"two-stage": opts} if opts else {}
 
-    def evaluate_kwargs(self, samplers: Sequence[str]) -> dict:
-        return dict(which=self.checkpoint, split=self.split, n_samples=self.n_samples, k=self.k,
+    def evaluate_kwargs(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> dict:
+        return dict(which=which or self.checkpoint, device=device, split=self.split, n_samples=self.n_samples, k=self.k,
                     samplers=list(samplers), sampler_options=self.sampler_options(samplers),
                     batch_size=self.batch_size, fid=self.fid, max_examples=self.max_examples,
                     is_examples=self.is_examples, smoothness_examples=self.smoothness_examples,
                     mi_examples=self.mi_examples, seed=self.seed)
 
-    def cli_args(self, samplers: Sequence[str]) -> list[str]:
+    def cli_args(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> list[str]:
         """The same request as ``arelbo eval`` arguments (for --jobs subprocesses)."""
-        args = ["--which", self.checkpoint, "--split", self.split, "--n-samples", str(self.n_samples),
+        args = ["--which", which or self.checkpoint, "--device", device, "--split", self.split, "--n-samples", str(self.n_samples),
                 "--k", str(self.k), "--is-examples", str(self.is_examples),
                 "--smoothness-examples", str(self.smoothness_examples), "--mi-examples", str(self.mi_examples),
                 "--sampler", ",".join(samplers), "--batch-size", str(self.batch_size), "--seed", str(self.seed),
@@ -559,12 +616,15 @@ def training_finished(ckpt: dict, cfg: RunConfig) -> bool:
     return done >= cfg.train.epochs
 
 
-def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file: Path, metrics_file: Path) -> str | None:
-    """None when ``metrics.json`` answers this study's evaluation request, else why it does not."""
+def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file: Path, metrics_file: Path,
+                   which: str | None = None) -> str | None:
+    """None when a metrics file answers this study's evaluation request (of checkpoint ``which``, default the
+    study's), else why it does not."""
+    which = which or opts.checkpoint
     try:
         p = metrics["protocol"]
-        if metrics["checkpoint"]["which"] != opts.checkpoint:
-            return f"evaluated at checkpoint {metrics['checkpoint']['which']!r}, the study asks for {opts.checkpoint!r}"
+        if metrics["checkpoint"]["which"] != which:
+            return f"evaluated at checkpoint {metrics['checkpoint']['which']!r}, the study asks for {which!r}"
         missing = [s for s in run.samplers if s not in (p.get("samplers") or {})]
         if missing:
             return f"no evaluation of sampler(s) {', '.join(missing)}"
@@ -587,6 +647,53 @@ def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file:
     if ckpt_file.is_file() and ckpt_file.stat().st_mtime > metrics_file.stat().st_mtime:
         return "the checkpoint is newer than metrics.json"
     return None
+
+
+def run_device(cfg: RunConfig) -> str:
+    """The device a run's evaluation uses: the one it trained on (train.accelerator; auto: CUDA when present)."""
+    return {"cpu": "cpu", "gpu": "cuda"}.get(cfg.train.accelerator, "auto")
+
+
+def snapshot_checkpoints(run: PlannedRun) -> list[tuple[int, Path]]:
+    """(step, file) of the kept snapshots of ``train.snapshot_steps`` that exist (a run shorter than a planned
+    snapshot step has no such file)."""
+    from arelbo.runs import CHECKPOINT_DIR, snapshot_name
+
+    out = []
+    for step in run.config.train.snapshot_steps:
+        f = run.run_dir / CHECKPOINT_DIR / f"{snapshot_name(step)}.pt"
+        if f.is_file():
+            out.append((int(step), f))
+    return out
+
+
+def pending_evaluations(run: PlannedRun, opts: EvalOptions) -> list[tuple[str, str]]:
+    """(which, why) for each checkpoint of a trained run whose metrics file is missing or not what is asked: the
+    final one (``opts.checkpoint``, metrics.json) and, with ``opts.snapshots``, every kept snapshot."""
+    from arelbo.evaluate import metrics_file
+    from arelbo.runs import snapshot_name
+
+    d = run.run_dir
+    wanted = [(opts.checkpoint, d / "checkpoints" / f"{opts.checkpoint}.pt")]
+    if opts.snapshots:
+        wanted += [(snapshot_name(step), f) for step, f in snapshot_checkpoints(run)]
+    out = []
+    for which, ckpt_file in wanted:
+        if which == "best" and not ckpt_file.is_file():
+            ckpt_file = d / "checkpoints" / "last.pt"
+        mfile = metrics_file(d, which)
+        if not mfile.is_file():
+            out.append((which, f"{mfile.name} missing"))
+            continue
+        try:
+            metrics = json.loads(mfile.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            out.append((which, f"{mfile.name} unreadable ({err})"))
+            continue
+        why = _metrics_match(metrics, run, opts, ckpt_file, mfile, which)
+        if why:
+            out.append((which, f"{mfile.name}: {why}" if which != opts.checkpoint else why))
+    return out
 
 
 def run_state(run: PlannedRun, opts: EvalOptions) -> tuple[str, str]:
@@ -626,17 +733,11 @@ def run_state(run: PlannedRun, opts: EvalOptions) -> tuple[str, str]:
         raise StudyError(f"{last} cannot be read ({err}); remove {d} to retrain it") from None
     if not training_finished(ckpt, run.config):
         return "resume", f"stopped at step {ckpt.get('global_step')} (epoch {ckpt.get('epoch')})"
-    metrics_file = d / "metrics.json"
-    if not metrics_file.is_file():
-        return "evaluate", "trained, not evaluated"
-    try:
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        return "evaluate", f"metrics.json unreadable ({err})"
-    why = _metrics_match(metrics, run, opts, last if opts.checkpoint == "last" else d / "checkpoints" / "best.pt",
-                         metrics_file)
-    if why:
-        return "evaluate", why
+    pending = pending_evaluations(run, opts)
+    if pending:
+        if not (d / "metrics.json").is_file():
+            return "evaluate", "trained, not evaluated"
+        return "evaluate", "; ".join(why for _, why in pending)
     return "done", "trained and evaluated"
 
 
@@ -687,7 +788,9 @@ def _run_in_process(run: PlannedRun, state: str, opts: EvalOptions, progress: bo
         timings["train_seconds"] = time.perf_counter() - t0
         _write_marker(run.run_dir, event={"action": state, "seconds": round(timings["train_seconds"], 1), "at": _now()})
     t0 = time.perf_counter()
-    evaluate_run(run.run_dir, **opts.evaluate_kwargs(run.samplers), progress=False)
+    device = run_device(run.config)
+    for which, _ in pending_evaluations(run, opts):
+        evaluate_run(run.run_dir, **opts.evaluate_kwargs(run.samplers, which, device), progress=False)
     timings["eval_seconds"] = time.perf_counter() - t0
     return timings
 
@@ -734,7 +837,9 @@ def _run_subprocess(run: PlannedRun, state: str, opts: EvalOptions, plan: StudyP
         timings["train_seconds"] = time.perf_counter() - t0
         _write_marker(run.run_dir, event={"action": state, "seconds": round(timings["train_seconds"], 1), "at": _now()})
     t0 = time.perf_counter()
-    call([*cli, "eval", str(run.run_dir), *opts.cli_args(run.samplers)], "evaluation")
+    device = run_device(run.config)
+    for which, _ in pending_evaluations(run, opts):
+        call([*cli, "eval", str(run.run_dir), *opts.cli_args(run.samplers, which, device)], f"evaluation of {which}")
     timings["eval_seconds"] = time.perf_counter() - t0
     return timings
 
@@ -898,14 +1003,17 @@ def _fid_of(metrics: dict, sampler: str) -> tuple[float | None, str | None]:
     return None, "no samples drawn (n_samples = 0)"
 
 
-def final_sigma2(run_dir: Path, metrics: dict | None = None) -> float | None:
-    """The policy's sigma2 at the end of training: the last validation record (whole validation set; the mean
-    for the diagonal and per-sample policies), else the last training record, else metrics.json's."""
+def final_sigma2(run_dir: Path, metrics: dict | None = None, step: int | None = None) -> float | None:
+    """The policy's sigma2 at the end of training (or at global step ``step``, for a snapshot): the last
+    validation record (whole validation set; the mean for the diagonal and per-sample policies), else the last
+    training record, else the metrics file's."""
     from arelbo.runs import read_jsonl
 
     path = Path(run_dir) / "metrics.jsonl"
     if path.is_file():
         records = read_jsonl(path)
+        if step is not None:
+            records = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
         for split in ("val", "train"):
             vals = [r["sigma2"] for r in records if r.get("split") == split and isinstance(r.get("sigma2"), (int, float))]
             if vals:
@@ -914,8 +1022,9 @@ def final_sigma2(run_dir: Path, metrics: dict | None = None) -> float | None:
     return float(s2) if isinstance(s2, (int, float)) else None
 
 
-def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool) -> tuple[dict, dict]:
-    """The table's values for one run (None where unavailable) and the reasons for unavailable FIDs."""
+def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int | None = None) -> tuple[dict, dict]:
+    """The table's values for one run (None where unavailable) and the reasons for unavailable FIDs; ``step``:
+    the values of the snapshot at that global step (its sigma2 from the training log up to there)."""
     s = metrics.get("summary") or {}
     values: dict[str, Any] = {
         "active_units": s.get("active_units"),
@@ -925,7 +1034,7 @@ def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool) -> tuple[d
         "neg_elbo_bpd": s.get("neg_elbo_bpd"),
         "is_nll": s.get("is_nll"),
         "is_nll_bpd": s.get("is_nll_bpd"),
-        "sigma2_final": final_sigma2(run_dir, metrics),
+        "sigma2_final": final_sigma2(run_dir, metrics, step),
         "smoothness": s.get("smoothness_mean"),
         "neg_elbo_ar": s.get("neg_elbo_ar"),
         "neg_elbo_ar_bpd": s.get("neg_elbo_ar_bpd"),
@@ -948,8 +1057,12 @@ def _sorted_kl(metrics: dict) -> list[float] | None:
     return sorted((float(v) for v in kl), reverse=True) if kl else None
 
 
-def collect_results(plan: StudyPlan, wall_seconds: float | None = None) -> dict:
-    """Read every cell's run directory and aggregate over seeds (the dict written as results.json)."""
+def collect_results(plan: StudyPlan, wall_seconds: float | None = None, reference: str | None = None) -> dict:
+    """Read every cell's run directory and aggregate over seeds (the dict written as results.json).
+
+    Besides each policy's mean and std over seeds (every per-seed value kept), ``curve`` holds the same
+    aggregates at each kept snapshot and at the end, and ``paired`` the paired differences (same seed) of the
+    ``reference`` policy (default ``ar`` when studied, else the first) against every other policy."""
     policies_out = []
     keys = [c[0] for c in COLUMNS] + ["neg_elbo_ar", "neg_elbo_ar_bpd", "mutual_information"]
     for p in plan.policies:
@@ -966,6 +1079,8 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None) -> dict:
             else:
                 metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
                 values, reasons = run_values(run.run_dir, metrics, p.sampler, plan.eval.gmm)
+                entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm)
+                entry["global_step"] = (metrics.get("checkpoint") or {}).get("global_step")
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
                              kl_per_dim=(metrics.get("collapse") or {}).get("kl_per_dim"),
                              train_seconds=marker.get("train_seconds"),
@@ -984,6 +1099,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None) -> dict:
         kl_mean = [math.fsum(col) / len(col) for col in zip(*kl_rows)] if kl_rows else None
         latent = next((c["values"].get("latent_dim") for c in done if c["values"].get("latent_dim")), None)
         policies_out.append({**p.to_dict(), "cells": cells, "aggregate": agg, "unavailable": notes,
+                             "curve": _curve(done, keys),
                              "kl_per_dim_sorted_mean": kl_mean, "latent_dim": latent,
                              "n_done": len(done), "n_failed": sum(c["status"] == "failed" for c in cells)})
     results = {
@@ -1002,10 +1118,77 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None) -> dict:
                     if k != "fid_gmm" or plan.eval.gmm],
         "policies": policies_out,
         "sweep": _sweep_summary(policies_out),
+        "paired": paired_summary(policies_out, reference),
         "wall_seconds": wall_seconds,
         "dedup": plan.dropped,
     }
     return results
+
+
+def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool) -> list[dict]:
+    """The evaluated snapshots of one run: [{"step", "values", "unavailable"}] by step."""
+    from arelbo.evaluate import metrics_file
+    from arelbo.runs import snapshot_name
+
+    out = []
+    for step in run.config.train.snapshot_steps:
+        f = metrics_file(run.run_dir, snapshot_name(step))
+        if not f.is_file():
+            continue
+        metrics = json.loads(f.read_text(encoding="utf-8"))
+        values, reasons = run_values(run.run_dir, metrics, sampler, gmm, step=int(step))
+        out.append({"step": int(step), "values": values, "unavailable": reasons})
+    return out
+
+
+def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
+    """Aggregates over seeds at each snapshot step and at the end (``final``: true; its step when all seeds
+    agree): the metrics against training steps. Seeds that lack a snapshot are left out of that point."""
+    steps = sorted({snap["step"] for c in done for snap in c.get("snapshots") or []})
+    points = []
+    for step in steps:
+        rows = [snap["values"] for c in done for snap in c["snapshots"] if snap["step"] == step]
+        points.append({"step": step, "final": False, "n": len(rows),
+                       "aggregate": {k: aggregate_values([r.get(k) for r in rows]) for k in keys}})
+    if done and steps:
+        finals = {c.get("global_step") for c in done}
+        points.append({"step": finals.pop() if len(finals) == 1 else None, "final": True, "n": len(done),
+                       "aggregate": {k: aggregate_values([c["values"].get(k) for c in done]) for k in keys}})
+    return points
+
+
+# (key, lower is better: True / False / None for no direction): what the paired comparison covers
+PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
+               ("mse", True), ("kl_total", None)]
+
+
+def paired_summary(policies: list[dict], reference: str | None = None, confidence: float = 0.95) -> dict | None:
+    """Paired differences (reference - other, seed by seed) with their t-intervals and verdicts about the
+    reference, for every other policy and each of :data:`PAIRED_KEYS` that both have values for."""
+    from arelbo.stats import paired_differences
+
+    if len(policies) < 2:
+        return None
+    specs = [p["spec"] for p in policies]
+    if reference is None:
+        reference = "ar" if "ar" in specs else specs[0]
+    if reference not in specs:
+        raise StudyError(f"reference policy {reference!r} is not in the study ({', '.join(specs)})")
+    ref = policies[specs.index(reference)]
+
+    def by_seed(p: dict, key: str) -> dict:
+        return {c["seed"]: c["values"].get(key) for c in p["cells"] if c["status"] == "done"}
+
+    rows = []
+    for p in policies:
+        if p["spec"] == reference:
+            continue
+        for key, lower in PAIRED_KEYS:
+            res = paired_differences(by_seed(ref, key), by_seed(p, key), confidence, lower)
+            if res["n"]:
+                rows.append({"policy": p["spec"], "label": p["label"], "key": key, "lower_is_better": lower, **res})
+    return {"reference": reference, "reference_label": ref["label"], "confidence": confidence,
+            "difference": "reference - policy, per training seed", "rows": rows}
 
 
 def _rel(path: Path, base: Path) -> str:

@@ -38,9 +38,13 @@ policy specs (comma-separated in --policies and --reference):
   fixed:S          fixed decoder variance sigma^2 = S (fixed:1 is the classic VAE)
   beta:B           beta-VAE, beta = B
   learned[:S0]     sigma^2 learned by gradient (Dai & Wipf's gamma / sigma-VAE), initialised at S0 (default 1)
-  two-stage[:S0]   Dai & Wipf's two-stage VAE: the learned[:S0] run, generating through a second VAE on its
-                   codes (shares the training run of learned[:S0])
+  learned:mle,lr=X the same, started at the first batch's MLE, log sigma^2 with its own learning rate X
+                   (learned:mle, learned:lr=X, learned:S0,lr=X also work)
+  learned-fair     short for learned:mle,lr=0.01
+  two-stage[:ARGS] Dai & Wipf's two-stage VAE: the learned[:ARGS] run, generating through a second VAE on its
+                   codes (shares the training run of learned[:ARGS])
   ar, ar-diagonal, ar-per-sample, ar-ema[:M]   AR-ELBO and its variants (M: EMA momentum)
+  ar-annealed[:N]  AR-ELBO with a sigma^2 floor decaying log-linearly from 1 over N steps (default 10000)
 Every policy but two-stage generates with the prior sampler for FID, and with a Gaussian mixture fitted to its
 training codes for a second FID column ("FID (GMM)"; --no-gmm drops it). The two-stage sampler samples its second
 VAE exactly (decoder noise included); --two-stage-mean uses the decoder mean alone, as Dai & Wipf.

@@ -1,0 +1,168 @@
+"""Study tooling for the evidence runs: learned/annealed specs, snapshots evaluated and aggregated against steps,
+paired differences with t-intervals, evaluation on the run's device."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("lightning")
+
+from arelbo import stats  # noqa: E402
+from arelbo import study as S  # noqa: E402
+
+from test_study import TINY, TINY_EVAL, tiny_plan, tree_state  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.mark.parametrize("text,spec,slug,objective,train_slug", [
+    ("learned:mle", "learned:mle", "learned-mle", {"policy": "learned", "init_mle": True}, "learned-mle"),
+    ("learned:mle,lr=1e-2", "learned:mle,lr=0.01", "learned-mle-lr0.01",
+     {"policy": "learned", "init_mle": True, "log_sigma2_lr": 0.01}, "learned-mle-lr0.01"),
+    ("learned-fair", S.FAIR_LEARNED, "learned-mle-lr0.01",
+     {"policy": "learned", "init_mle": True, "log_sigma2_lr": 0.01}, "learned-mle-lr0.01"),
+    ("learned:lr=0.05,0.5", "learned:0.5,lr=0.05", "learned-0.5-lr0.05",
+     {"policy": "learned", "init_sigma2": 0.5, "log_sigma2_lr": 0.05}, "learned-0.5-lr0.05"),
+    ("two-stage:mle", "two-stage:mle", "two-stage-mle", {"policy": "learned", "init_mle": True}, "learned-mle"),
+    ("ar-annealed", "ar-annealed", "ar-annealed", {"policy": "ar-annealed"}, "ar-annealed"),
+    ("ar-annealed:5e3", "ar-annealed:5000", "ar-annealed-5000", {"policy": "ar-annealed", "anneal_steps": 5000},
+     "ar-annealed-5000"),
+])
+def test_new_policy_specs(text, spec, slug, objective, train_slug):
+    p = S.parse_policy(text)
+    assert (p.spec, p.slug, p.objective, p.train_slug) == (spec, slug, objective, train_slug)
+    assert S.parse_policy(p.spec) == p
+    from arelbo.config import apply_overrides, RunConfig
+
+    cfg = RunConfig.from_dict(apply_overrides({}, p.overrides()))  # the overrides are valid config
+    assert all(getattr(cfg.objective, k) == v for k, v in objective.items())
+
+
+@pytest.mark.parametrize("text,message", [
+    ("learned:mle,mle", "one initial value"),
+    ("learned:mle,lr=0", "learning rate must be > 0"),
+    ("learned:lr=1,lr=2", "lr given twice"),
+    ("learned-fair:1", "takes no argument"),
+    ("ar-annealed:2.5", "whole number"),
+    ("ar-annealed:0", ">= 1"),
+])
+def test_new_policy_spec_errors(text, message):
+    with pytest.raises(S.StudyError, match=message):
+        S.parse_policy(text)
+
+
+def test_t_quantile_and_interval_match_scipy_and_hand_values():
+    from scipy import stats as ss
+
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.7764451051977987, rel=1e-12)  # tables: 2.776
+    t2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # df = 2 in closed form: (2p - 1) / sqrt(2 p (1 - p))
+    assert stats.t_quantile(0.975, 2) == pytest.approx(t2, rel=1e-12)  # tables: 4.303
+    vals = [1.0, 3.0, 2.0, 6.0, 4.0]
+    res = stats.t_interval(vals)
+    lo, hi = ss.t.interval(0.95, 4, loc=3.2, scale=ss.sem(vals))
+    assert (res["mean"], res["n"]) == (3.2, 5) and (res["lo"], res["hi"]) == pytest.approx((lo, hi), rel=1e-12)
+    assert res["std"] == pytest.approx(math.sqrt(3.7), rel=1e-14)
+    one = stats.t_interval([2.0, None, float("nan")])
+    assert (one["mean"], one["lo"], one["hi"]) == (2.0, None, None)
+
+
+def test_verdict_and_paired_differences():
+    assert stats.verdict(-3.0, -1.0) == "better" and stats.verdict(1.0, 3.0) == "worse"
+    assert stats.verdict(-1.0, 2.0) == "within the spread" and stats.verdict(None, None) == "within the spread"
+    assert stats.verdict(1.0, 3.0, lower_is_better=False) == "better"
+    assert stats.verdict(1.0, 3.0, lower_is_better=None) == "higher"
+    # seeds paired by value; a seed missing on one side is left out
+    a = {0: 10.0, 1: 12.0, 2: 11.0, 3: 50.0}
+    b = {0: 13.0, 1: 14.0, 2: 15.0, 3: None}
+    res = stats.paired_differences(a, b)
+    assert res["seeds"] == [0, 1, 2] and res["differences"] == [-3.0, -2.0, -4.0]
+    assert res["mean"] == -3.0 and res["hi"] == pytest.approx(-3.0 + 0.95 / math.sqrt(2 * 0.975 * 0.025) / math.sqrt(3))
+    assert res["verdict"] == "better"  # lower is better and the whole interval is below zero
+    # the same means with a large spread: the interval contains zero
+    noisy = stats.paired_differences({0: 10.0, 1: 20.0, 2: 3.0}, {0: 13.0, 1: 14.0, 2: 15.0})
+    assert noisy["lo"] < 0 < noisy["hi"] and noisy["verdict"] == "within the spread"
+
+
+def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stats(tmp_path):
+    out = tmp_path / "st"
+    overrides = [*TINY, "train.snapshot_steps=[3, 6]"]
+    plan = S.plan_study("fixed:1,ar", "0,1", out, preset="linear-gaussian", overrides=overrides, epochs=2,
+                        steps_per_epoch=4, eval_options=dict(TINY_EVAL))
+    res = S.run_study(plan, progress=False, log=lambda m: None)
+    run = out / "runs" / "ar-s1"
+    for step in (3, 6):
+        m = json.loads((run / f"metrics-step-{step}.json").read_text())
+        assert m["checkpoint"]["which"] == f"step-{step}" and m["checkpoint"]["global_step"] == step
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["checkpoint"]["global_step"] == 8 and final["protocol"]["device"] == "cpu"
+    by = {p["spec"]: p for p in res["policies"]}
+    curve = by["ar"]["curve"]
+    assert [(c["step"], c["final"], c["n"]) for c in curve] == [(3, False, 2), (6, False, 2), (8, True, 2)]
+    # each point aggregates the per-seed values of its own metrics file
+    kl3 = [json.loads((out / "runs" / f"ar-s{s}" / "metrics-step-3.json").read_text())["summary"]["kl_total"]
+           for s in (0, 1)]
+    assert curve[0]["aggregate"]["kl_total"]["values"] == kl3
+    assert curve[2]["aggregate"]["kl_total"] == by["ar"]["aggregate"]["kl_total"]
+    cell = by["ar"]["cells"][1]
+    assert [sn["step"] for sn in cell["snapshots"]] == [3, 6]
+    # sigma2 at a snapshot comes from the training log up to that step
+    log = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] <= 3]
+    assert cell["snapshots"][0]["values"]["sigma2_final"] == [r["sigma2"] for r in log if r["split"] == "train"][-1]
+    # paired differences: ar - fixed:1, per seed, from the cells' values
+    paired = res["paired"]
+    assert paired["reference"] == "ar"
+    row = next(r for r in paired["rows"] if r["policy"] == "fixed:1" and r["key"] == "mse")
+    ar_mse = [c["values"]["mse"] for c in by["ar"]["cells"]]
+    f1_mse = [c["values"]["mse"] for c in by["fixed:1"]["cells"]]
+    assert row["differences"] == pytest.approx([a - b for a, b in zip(ar_mse, f1_mse)], rel=1e-12)
+    assert row["n"] == 2 and row["verdict"] == stats.verdict(row["lo"], row["hi"], True)
+    md = (out / "report.md").read_text()
+    assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
+    assert json.loads(json.dumps(res)) == res
+
+    # everything evaluated: reused; a lost snapshot evaluation is redone alone
+    assert [S.run_state(r, plan.eval)[0] for r in plan.runs] == ["done"] * 4
+    (run / "metrics-step-3.json").unlink()
+    state, detail = S.run_state(plan.run_by_name["ar-s1"], plan.eval)
+    assert state == "evaluate" and "metrics-step-3.json" in detail
+    before = tree_state(run)
+    S.run_study(plan, progress=False, report=False, log=lambda m: None)
+    after = tree_state(run)
+    assert (run / "metrics-step-3.json").is_file()
+    assert after["metrics.json"] == before["metrics.json"] and after["metrics-step-6.json"] == before["metrics-step-6.json"]
+
+
+def test_snapshot_samplers_are_kept_apart_from_the_final_ones(tmp_path):
+    from arelbo.evaluate import evaluate_run, metrics_file, sampler_file
+
+    out = tmp_path / "st"
+    plan = S.plan_study("ar", "0", out, preset="linear-gaussian", overrides=[*TINY, "train.snapshot_steps=[2]"],
+                        epochs=1, steps_per_epoch=4, eval_options={**TINY_EVAL, "snapshots": False})
+    S.run_study(plan, progress=False, report=False, log=lambda m: None)
+    run = plan.runs[0].run_dir
+    assert not metrics_file(run, "step-2").exists()  # snapshots=False: only the final evaluation
+    kw = dict(samplers=["gmm"], n_samples=0, fid=False, is_examples=0, smoothness_examples=0, mi_examples=8,
+              sampler_options={"gmm": {"n_components": 2}}, progress=False)
+    evaluate_run(run, which="step-2", device="auto", **kw)
+    assert sampler_file(run, "gmm", "step-2") == run / "samplers" / "step-2" / "gmm.pt"
+    assert sampler_file(run, "gmm", "step-2").is_file() and not sampler_file(run, "gmm", "last").exists()
+    assert json.loads(metrics_file(run, "step-2").read_text())["protocol"]["device"] == "cpu"  # auto, no CUDA here
+
+
+def test_evaluation_device_follows_the_runs_accelerator():
+    from arelbo.config import load_config
+
+    assert S.run_device(load_config(overrides=["train.accelerator=cpu"])) == "cpu"
+    assert S.run_device(load_config(overrides=["train.accelerator=gpu"])) == "cuda"
+    assert S.run_device(load_config(overrides=["train.accelerator=auto"])) == "auto"
+    import argparse
+
+    from arelbo.evaluate import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = S.EvalOptions(n_samples=5)
+    ns = parser.parse_args(["RUN", *opts.cli_args(["prior"], "step-2000", "cuda")])
+    kw = opts.evaluate_kwargs(["prior"], "step-2000", "cuda")
+    assert (ns.which, ns.device) == (kw["which"], kw["device"]) == ("step-2000", "cuda")
