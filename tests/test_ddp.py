@@ -20,7 +20,8 @@ BATCH = 8  # global batch, split 4 + 4
 SHAPE = (1, 8, 8)
 LATENT = 3
 STEPS = 2  # two SGD steps: the second checks that parameters (and the ar-ema state) stayed in sync
-POLICIES = [("ar", {}), ("ar-diagonal", {}), ("ar-ema", {"momentum": 0.5}), ("ar-per-sample", {}), ("fixed", {"sigma2": 0.3})]
+POLICIES = [("ar", {}), ("ar-diagonal", {}), ("ar-ema", {"momentum": 0.5}), ("ar-per-sample", {}), ("fixed", {"sigma2": 0.3}),
+            ("ar-annealed", {"anneal_steps": 2, "anneal_from": 0.2})]  # step 0: the floor binds; step 1: the MLE
 
 
 class _WithNoise(nn.Module):
