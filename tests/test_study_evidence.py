@@ -166,3 +166,27 @@ def test_evaluation_device_follows_the_runs_accelerator():
     ns = parser.parse_args(["RUN", *opts.cli_args(["prior"], "step-2000", "cuda")])
     kw = opts.evaluate_kwargs(["prior"], "step-2000", "cuda")
     assert (ns.which, ns.device) == (kw["which"], kw["device"]) == ("step-2000", "cuda")
+
+
+def test_evidence_script_plans_the_three_studies(tmp_path):
+    """benchmarks/study_mnist_evidence.sh --dry-run: every planned run, shared runs between the 16-latent studies."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "study_mnist_evidence.sh"
+    env = {**os.environ, "ARELBO": f"{sys.executable} -m arelbo.cli",
+           "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(["bash", str(script), "", str(tmp_path / "ev"), "3", "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[-1] == "yet"]
+    assert len(states) == 35 + 21 + 27  # the variants study lists its 6 shared ar/learned runs again
+    for name in ("learned-mle-lr0.01-s4", "ar-annealed-8000-s2", "fixed-0.008-s2", "fixed-0.001-s2", "fixed-0.03-s4"):
+        assert name in states
+    assert '"runs_dir": "' + str(tmp_path / "ev" / "runs") + '"' in proc.stdout
+    assert "snapshot_steps: [2000, 8000]" in proc.stdout and "accelerator: auto" in proc.stdout
+    assert "latent_dim: 64" in proc.stdout
+    bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
