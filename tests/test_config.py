@@ -61,10 +61,10 @@ def test_round_trip_exact_through_yaml(tmp_path):
 
 def test_layers_apply_in_order(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("train:\n  epochs: 3\n  lr: 2.0e-3\nobjective:\n  policy: fixed\n  sigma2: 0.1\n")
+    f.write_text("train:\n  epochs: 3\n  lr: 2.0e-3\nobjective:\n  policy: fixed\n  options: {sigma2: 0.1}\n")
     cfg = load_config("mnist-conv", f, ["train.epochs=4"])
     assert cfg.train.epochs == 4 and cfg.train.lr == 2e-3  # --set beats the file, the file beats the preset
-    assert cfg.objective.policy == "fixed" and cfg.objective.sigma2 == 0.1
+    assert cfg.objective.policy == "fixed" and cfg.objective.options == {"sigma2": 0.1}
     assert cfg.model.hidden == [32, 64, 128]  # untouched preset values stay
 
 
@@ -169,3 +169,18 @@ def test_direct_construction_is_checked_too():
     with pytest.raises(ConfigError, match="fraction"):
         TrainConfig(limit_train_batches=1.5)
     assert TrainConfig(limit_train_batches=3).limit_train_batches == 3
+
+
+def test_saved_configs_of_the_flat_objective_layout_are_upgraded(tmp_path):
+    """Runs saved before policy options moved under objective.options still load; new input stays strict."""
+    d = RunConfig().to_dict()
+    d["objective"] = {"policy": "fixed", "sigma2": 0.1, "beta": 1.0, "init_sigma2": 1.0, "momentum": 0.99,
+                      "sigma2_floor": 1e-6}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(d))
+    cfg = RunConfig.load(path)
+    assert cfg.objective.policy == "fixed" and cfg.objective.options == {"sigma2": 0.1}
+    d["objective"]["policy"] = "ar-ema"
+    assert RunConfig.from_saved(d).objective.options == {"momentum": 0.99}
+    with pytest.raises(ConfigError, match=r"unknown key objective.sigma2.*objective.options.sigma2"):
+        RunConfig.from_dict(d)

@@ -151,10 +151,10 @@ def test_sampler_fit_is_not_reused_for_a_changed_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "objective, sigma2_source, is_sigma2",
     [
-        ({"policy": "fixed", "sigma2": 0.5}, "policy fixed", 0.5),
+        ({"policy": "fixed", "options": {"sigma2": 0.5}}, "policy fixed", 0.5),
         ({"policy": "ar-diagonal"}, "diagonal", None),
         ({"policy": "ar-per-sample"}, "per example", None),
-        ({"policy": "learned", "init_sigma2": 0.4}, "policy learned", 0.4),
+        ({"policy": "learned", "options": {"init_sigma2": 0.4}}, "policy learned", 0.4),
     ],
 )
 def test_policy_variants(tmp_path, objective, sigma2_source, is_sigma2):

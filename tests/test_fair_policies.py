@@ -111,7 +111,7 @@ def _same(a, b):
     assert a["global_step"] == b["global_step"]
 
 
-FAIR = ("objective.init_mle=true", "objective.log_sigma2_lr=0.05")
+FAIR = ("objective.options.init_mle=true", "objective.options.log_sigma2_lr=0.05")
 
 
 def test_fair_learned_trains_from_the_first_batch_mle_with_its_own_lr(tmp_path, splits):
@@ -126,7 +126,7 @@ def test_fair_learned_trains_from_the_first_batch_mle_with_its_own_lr(tmp_path, 
     assert bool(ckpt["objective"]["policy.initialised"])
 
 
-@pytest.mark.parametrize("policy,extra", [("learned", FAIR), ("ar-annealed", ("objective.anneal_steps=15", "objective.anneal_from=10"))])
+@pytest.mark.parametrize("policy,extra", [("learned", FAIR), ("ar-annealed", ("objective.options.anneal_steps=15", "objective.options.anneal_from=10"))])
 def test_fair_and_annealed_policies_resume_exactly(tmp_path, splits, policy, extra):
     straight = fit(tiny(*extra, policy=policy), tmp_path / "straight", splits=splits, progress=False)
     split = fit(tiny(*extra, "train.epochs=1", policy=policy), tmp_path / "split", splits=splits, progress=False)

@@ -247,7 +247,7 @@ def test_non_finite_inputs(bad):
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "1"])
 def test_fixed_sigma2_must_be_positive_finite(bad):
-    with pytest.raises(ValueError, match="fixed sigma2 must be a positive finite number"):
+    with pytest.raises(ValueError, match="fixed sigma2 must be > 0"):
         GaussianVAELoss("fixed", sigma2=bad)
 
 
@@ -256,7 +256,7 @@ def test_other_bad_arguments():
         GaussianVAELoss("beta", beta=0.0)
     with pytest.raises(ValueError, match="momentum"):
         GaussianVAELoss("ar-ema", momentum=1.0)
-    with pytest.raises(ValueError, match="init_sigma2"):
+    with pytest.raises(ValueError, match="initial sigma2 must be > 0"):
         GaussianVAELoss("learned", init_sigma2=-1.0)
     with pytest.raises(ValueError, match="floor must be > 0"):
         GaussianVAELoss("ar", sigma2_floor=0.0)

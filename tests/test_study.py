@@ -49,21 +49,21 @@ def tree_state(d: Path) -> dict:
 
 
 @pytest.mark.parametrize("text, spec, slug, objective, sampler, train_slug", [
-    ("fixed:1", "fixed:1", "fixed-1", {"policy": "fixed", "sigma2": 1.0}, "prior", "fixed-1"),
-    (" FIXED:1e0 ", "fixed:1", "fixed-1", {"policy": "fixed", "sigma2": 1.0}, "prior", "fixed-1"),
-    ("fixed:0.1", "fixed:0.1", "fixed-0.1", {"policy": "fixed", "sigma2": 0.1}, "prior", "fixed-0.1"),
-    ("fixed:1e-4", "fixed:0.0001", "fixed-0.0001", {"policy": "fixed", "sigma2": 1e-4}, "prior", "fixed-0.0001"),
-    ("beta:4", "beta:4", "beta-4", {"policy": "beta", "beta": 4.0}, "prior", "beta-4"),
+    ("fixed:1", "fixed:1", "fixed-1", {"policy": "fixed", "options": {"sigma2": 1.0}}, "prior", "fixed-1"),
+    (" FIXED:1e0 ", "fixed:1", "fixed-1", {"policy": "fixed", "options": {"sigma2": 1.0}}, "prior", "fixed-1"),
+    ("fixed:0.1", "fixed:0.1", "fixed-0.1", {"policy": "fixed", "options": {"sigma2": 0.1}}, "prior", "fixed-0.1"),
+    ("fixed:1e-4", "fixed:0.0001", "fixed-0.0001", {"policy": "fixed", "options": {"sigma2": 1e-4}}, "prior", "fixed-0.0001"),
+    ("beta:4", "beta:4", "beta-4", {"policy": "beta", "options": {"beta": 4.0}}, "prior", "beta-4"),
     ("learned", "learned", "learned", {"policy": "learned"}, "prior", "learned"),
-    ("learned:0.5", "learned:0.5", "learned-0.5", {"policy": "learned", "init_sigma2": 0.5}, "prior", "learned-0.5"),
+    ("learned:0.5", "learned:0.5", "learned-0.5", {"policy": "learned", "options": {"init_sigma2": 0.5}}, "prior", "learned-0.5"),
     ("two-stage", "two-stage", "two-stage", {"policy": "learned"}, "two-stage", "learned"),
-    ("two-stage:0.5", "two-stage:0.5", "two-stage-0.5", {"policy": "learned", "init_sigma2": 0.5}, "two-stage",
+    ("two-stage:0.5", "two-stage:0.5", "two-stage-0.5", {"policy": "learned", "options": {"init_sigma2": 0.5}}, "two-stage",
      "learned-0.5"),
     ("ar", "ar", "ar", {"policy": "ar"}, "prior", "ar"),
     ("ar-diagonal", "ar-diagonal", "ar-diagonal", {"policy": "ar-diagonal"}, "prior", "ar-diagonal"),
     ("ar-per-sample", "ar-per-sample", "ar-per-sample", {"policy": "ar-per-sample"}, "prior", "ar-per-sample"),
     ("ar-ema", "ar-ema", "ar-ema", {"policy": "ar-ema"}, "prior", "ar-ema"),
-    ("ar-ema:0.9", "ar-ema:0.9", "ar-ema-0.9", {"policy": "ar-ema", "momentum": 0.9}, "prior", "ar-ema-0.9"),
+    ("ar-ema:0.9", "ar-ema:0.9", "ar-ema-0.9", {"policy": "ar-ema", "options": {"momentum": 0.9}}, "prior", "ar-ema-0.9"),
 ])
 def test_parse_policy(text, spec, slug, objective, sampler, train_slug):
     p = S.parse_policy(text)
@@ -129,7 +129,7 @@ def test_plan_dedups_specs_and_shares_two_stage_training(tmp_path):
         assert r.config.train.seed == r.seed and r.config.name == r.name
         assert r.config.train.epochs == 2 and r.config.train.limit_train_batches == 4
     assert plan.run_by_name["fixed-1-s0"].config.objective.policy == "fixed"
-    assert plan.run_by_name["fixed-1-s0"].config.objective.sigma2 == 1.0
+    assert plan.run_by_name["fixed-1-s0"].config.objective.options == {"sigma2": 1.0}
     assert plan.run_by_name["learned-s0"].config.objective.policy == "learned"
     # the plan is JSON-able and records the cells
     d = json.loads(json.dumps(plan.to_dict()))

@@ -233,7 +233,8 @@ def test_learned_policy_trains_its_parameter_and_cosine_schedule(tmp_path, split
 
 @pytest.mark.parametrize("policy", ["ar-diagonal", "ar-per-sample", "beta", "fixed"])
 def test_other_policies_validate_with_their_sigma2(tmp_path, splits, policy):
-    cfg = tiny("train.epochs=1", "train.limit_train_batches=3", "objective.sigma2=0.5", policy=policy)
+    options = ["objective.options.sigma2=0.5"] if policy == "fixed" else []  # an option of fixed only
+    cfg = tiny("train.epochs=1", "train.limit_train_batches=3", *options, policy=policy)
     v = runs.read_jsonl(fit(cfg, tmp_path / policy, splits=splits, progress=False) / "metrics.jsonl")[-1]
     assert v["split"] == "val" and math.isfinite(v["neg_elbo"]) and v["step"] == 3
     if policy == "fixed":  # -ELBO at the given sigma2: D/2 log(2 pi s2) + distortion / (2 s2) + KL

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from arelbo.objectives import POLICIES
+from arelbo.objectives import DEFAULT_POLICY, POLICIES, policy_options
 
 __all__ = [
     "ConfigError",
@@ -194,40 +194,85 @@ class ModelConfig(_Section):
             raise ConfigError("model.kernel_size and model.stride must be >= 1")
 
 
+# Keys of the objective section before policy options moved to ``objective.options`` (saved runs are upgraded).
+LEGACY_OBJECTIVE_KEYS = ("sigma2", "beta", "init_sigma2", "init_mle", "log_sigma2_lr", "momentum", "anneal_steps",
+                         "anneal_from")
+
+
 @dataclass
 class ObjectiveConfig(_Section):
     _section = "objective"
 
-    policy: str = "ar"  # a name in arelbo.objectives.POLICIES
-    sigma2: float = 1.0  # "fixed" only
-    beta: float = 1.0  # "beta" only
-    init_sigma2: float = 1.0  # "learned" only
-    init_mle: bool = False  # "learned" only: start log sigma2 at the first training batch's MLE S / D
-    log_sigma2_lr: Optional[float] = None  # "learned" only: its own Adam learning rate (None: train.lr)
-    momentum: float = 0.99  # "ar-ema" only
-    anneal_steps: int = 10000  # "ar-annealed" only: steps for the sigma2 floor to decay to sigma2_floor
-    anneal_from: float = 1.0  # "ar-annealed" only: the floor at step 0
+    policy: str = DEFAULT_POLICY  # a name in arelbo.objectives.POLICIES
+    options: dict = field(default_factory=dict)  # the policy's options, e.g. {sigma2: 0.1} for fixed
     sigma2_floor: float = 1e-6
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"objective.policy {self.policy!r} unknown; known: {', '.join(sorted(POLICIES))}")
-        self._positive("sigma2", "beta", "init_sigma2", "sigma2_floor", "log_sigma2_lr", "anneal_steps",
-                       "anneal_from")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"objective.momentum must be in [0, 1), got {self.momentum}")
+        self._positive("sigma2_floor")
+        valid = policy_options(POLICIES[self.policy])
+        for key in self.options:
+            if key not in valid:
+                raise ConfigError(f"objective.options.{key}: not an option of policy {self.policy!r}; "
+                                  f"{_options_text(self.policy)}{_owners_text(key)}")
+        # every option of the policy, defaults filled in: config.yaml says what was used
+        resolved = {}
+        for name, opt in valid.items():
+            value = self.options.get(name, opt.default)
+            try:
+                resolved[name] = _coerce(value, opt.type, f"objective.options.{name}")
+            except TypeError:  # a type the schema does not check (e.g. a sequence): the constructor does
+                resolved[name] = value
+        self.options = resolved
+        try:
+            self.build()
+        except ValueError as err:
+            raise ConfigError(f"objective.options: {err} (policy {self.policy!r})") from None
 
     def policy_kwargs(self) -> dict:
-        """The arguments this config's policy takes (the others are ignored by design, so one config serves all)."""
-        import inspect
-
-        wanted = set(inspect.signature(POLICIES[self.policy].__init__).parameters) - {"self", "floor"}
-        return {k: getattr(self, k) for k in wanted}
+        """The policy's constructor arguments: its options."""
+        return dict(self.options)
 
     def build(self, check_finite: bool = True):
         from arelbo.objectives import GaussianVAELoss
 
-        return GaussianVAELoss(self.policy, sigma2_floor=self.sigma2_floor, check_finite=check_finite, **self.policy_kwargs())
+        return GaussianVAELoss(self.policy, sigma2_floor=self.sigma2_floor, check_finite=check_finite, **self.options)
+
+    @staticmethod
+    def upgrade(d: dict) -> dict:
+        """A saved objective section in the older flat form (``sigma2``, ``init_sigma2``, ... beside ``policy``)
+        -> the current one: the keys the policy takes move into ``options``, the others are dropped."""
+        if not isinstance(d, dict) or not any(k in d for k in LEGACY_OBJECTIVE_KEYS):
+            return d
+        d = dict(d)
+        options = dict(d.get("options") or {})
+        cls = POLICIES.get(d.get("policy", DEFAULT_POLICY))
+        valid = policy_options(cls) if cls is not None else {}
+        for key in LEGACY_OBJECTIVE_KEYS:
+            if key in d:
+                value = d.pop(key)
+                if key in valid:
+                    options.setdefault(key, value)
+        d["options"] = options
+        return d
+
+
+def _options_text(policy: str) -> str:
+    names = list(policy_options(POLICIES[policy]))
+    return f"its options: {', '.join(names)}" if names else "it takes no options"
+
+
+def _owners_text(key: str) -> str:
+    owners = [name for name, cls in POLICIES.items() if key in policy_options(cls)]
+    return f" ({key} is an option of: {', '.join(owners)})" if owners else ""
+
+
+def _legacy_hint(section: str, key: str) -> str:
+    """For an unknown objective key that is a policy option: where it lives now."""
+    if section != "objective" or not any(key in policy_options(cls) for cls in POLICIES.values()):
+        return ""
+    return f"; policy options live under objective.options (e.g. --set objective.options.{key}=...)"
 
 
 OPTIMIZERS = ("adam", "adamw")
@@ -335,7 +380,15 @@ class RunConfig:
 
     @classmethod
     def load(cls, path) -> "RunConfig":
-        return cls.from_dict(read_yaml(path), source=str(path))
+        """A saved run's config (``config.yaml``); saved configs of older versions are upgraded."""
+        return cls.from_saved(read_yaml(path), source=str(path))
+
+    @classmethod
+    def from_saved(cls, d: dict, source: str = "config") -> "RunConfig":
+        """:meth:`from_dict` for configs written by a run (older layouts upgraded, e.g. flat policy options)."""
+        if isinstance(d, dict) and isinstance(d.get("objective"), dict):
+            d = {**d, "objective": ObjectiveConfig.upgrade(d["objective"])}
+        return cls.from_dict(d, source)
 
 
 TOP_LEVEL = [f.name for f in dataclasses.fields(RunConfig)]
@@ -358,7 +411,8 @@ def check_keys(d: dict, source: str = "config") -> None:
             valid = _valid_keys(key)
             for sub in value:
                 if sub not in valid:
-                    raise ConfigError(f"{source}: unknown key {key}.{sub}; valid keys in {key}: {', '.join(valid)}")
+                    raise ConfigError(f"{source}: unknown key {key}.{sub}; valid keys in {key}: {', '.join(valid)}"
+                                      f"{_legacy_hint(key, sub)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -459,7 +513,8 @@ def apply_overrides(d: dict, overrides) -> dict:
             raise ConfigError(f"--set {text}: {top} is a section; set one of its keys: {', '.join(_valid_keys(top))}")
         key = path[1]
         if key not in _valid_keys(top):
-            raise ConfigError(f"--set {text}: unknown key {top}.{key}; valid keys in {top}: {', '.join(_valid_keys(top))}")
+            raise ConfigError(f"--set {text}: unknown key {top}.{key}; valid keys in {top}: {', '.join(_valid_keys(top))}"
+                              f"{_legacy_hint(top, key)}")
         section = d.setdefault(top, {}) or {}
         d[top] = section
         if len(path) == 2:

@@ -29,7 +29,7 @@ DEMO_EPOCHS = 4
 DEMO_LR = 3e-3
 RUNS = (
     ("ar", "AR-ELBO (ar)", ["objective.policy=ar"]),
-    ("fixed-sigma2-1", "fixed sigma^2 = 1", ["objective.policy=fixed", "objective.sigma2=1.0"]),
+    ("fixed-sigma2-1", "fixed sigma^2 = 1", ["objective.policy=fixed", "objective.options.sigma2=1.0"]),
 )
 
 

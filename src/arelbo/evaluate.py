@@ -191,8 +191,8 @@ def evaluate_run(
         ELBOAccumulator,
         importance_sampled_nll_dataset,
         linear_vae_exact_nll,
-        resolve_sigma2,
     )
+    from arelbo.objectives import DEFAULT_POLICY, make_policy
     from arelbo.runs import atomic_write_text, checkpoint_path, load_model
     from arelbo.samplers import decode_samples
 
@@ -263,12 +263,11 @@ def evaluate_run(
     t0 = time.perf_counter()
     policy_name = loss_fn.policy.name
     elbo_policy = acc.result(loss_fn)
-    elbo_ar = acc.result("ar", floor=loss_fn.policy.floor)
+    elbo_ar = acc.result(make_policy(DEFAULT_POLICY, floor=loss_fn.policy.floor))
     sigma2_diag = acc.ar_sigma2(diagonal=True)
-    value, kind, _ = resolve_sigma2(loss_fn, acc)
+    value = loss_fn.policy.density_sigma2(acc).value
     is_note = None
-    if kind == "per-sample":
-        value = acc.ar_sigma2().clamp_min(loss_fn.policy.floor)
+    if not loss_fn.policy.is_density:
         is_note = "per-sample sigma2 defines no single density: IS-NLL uses the eval-set isotropic MLE"
     n_is = n_eval if is_examples is None else min(n_eval, int(is_examples))
     is_res = None

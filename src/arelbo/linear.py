@@ -370,13 +370,9 @@ def fit_linear_vae(
 
 # The AR policies return sigma2 detached (the envelope-theorem form). Their loss has the right value and gradient,
 # but its autograd Hessian misses the dependence of sigma2 on the parameters; the profile objective -ELBO(theta,
-# sigma2(theta)) with sigma2 *not* detached has the same value and gradient and the true Hessian. Used only to
-# take Newton steps; the gradient that decides whether a step is kept is always the library loss's own.
-_PROFILE_SIGMA2 = {
-    "ar": lambda sq: sq.mean(),
-    "ar-diagonal": lambda sq: sq.mean(0),
-    "ar-per-sample": lambda sq: sq.mean(1, keepdim=True),
-}
+# sigma2(theta)) with sigma2 *not* detached (the policy's ``mle_sigma2``) has the same value and gradient and the
+# true Hessian. Used only to take Newton steps; the gradient that decides whether a step is kept is always the
+# library loss's own.
 
 
 class _ExactObjective(nn.Module):
@@ -385,14 +381,15 @@ class _ExactObjective(nn.Module):
     def __init__(self, model: LinearVAE, loss_fn: GaussianVAELoss, x: Tensor, profile: bool = False):
         super().__init__()
         self.model, self.loss_fn, self.x = model, loss_fn, x
-        self.profile = _PROFILE_SIGMA2.get(loss_fn.policy_name) if profile else None
+        self.profile = profile
 
     def forward(self) -> Tensor:
         mu, logvar = self.model.encode(self.x)
         sq_err = self.model.expected_sq_err(self.x)
-        if self.profile is None:
+        sigma2 = self.loss_fn.policy.mle_sigma2(sq_err) if self.profile else None
+        if sigma2 is None:
             return self.loss_fn.from_sq_err(sq_err, mu, logvar).loss
-        sigma2 = self.profile(sq_err).clamp_min(self.loss_fn.policy.floor)
+        sigma2 = sigma2.clamp_min(self.loss_fn.policy.floor)
         return neg_elbo_per_sample(sq_err, sigma2, gaussian_kl(mu, logvar).sum(1)).mean()
 
 

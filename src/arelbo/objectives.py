@@ -25,9 +25,11 @@ Usage in any loop::
 
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,10 @@ from arelbo.registry import build, register
 __all__ = [
     "LossOutput",
     "DecoderVariance",
+    "HeldOutSigma2",
+    "PolicyOption",
+    "policy_options",
+    "DEFAULT_POLICY",
     "GaussianVAELoss",
     "POLICIES",
     "register_policy",
@@ -47,6 +53,7 @@ __all__ = [
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
+DEFAULT_POLICY = "ar"  # AR-ELBO, isotropic: the method this package is about
 
 
 @dataclass(frozen=True)
@@ -133,16 +140,62 @@ def _global_sums(*tensors: Tensor, group=None) -> list[Tensor]:
 # Decoder-variance policies
 
 
-class DecoderVariance(nn.Module):
-    """How the decoder variance sigma2 is chosen. Subclasses implement :meth:`sigma2`.
+class HeldOutSigma2(NamedTuple):
+    """The sigma2 a policy's -ELBO uses on a held-out split: ``value`` (a float64 CPU tensor of shape () or (D,),
+    or None for one value per example), ``kind`` ("isotropic", "diagonal" or "per-sample") and ``source`` (a
+    description for reports)."""
 
-    ``sigma2(sq_err)`` gets the elementwise squared errors (B, D) (detached unless the policy is learned) and
-    returns a variance of shape () (isotropic), (D,) (one per element) or (B, 1) (one per sample). The default
-    :meth:`loss` is the batch mean of -ELBO at that sigma2; with a detached maximum-likelihood sigma2 this is the
-    AR-ELBO loss in its detached-MLE form.
+    value: Tensor | None
+    kind: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PolicyOption:
+    """One option of a policy: a keyword argument of its constructor (validated there)."""
+
+    name: str
+    type: Any
+    default: Any
+
+
+class DecoderVariance(nn.Module):
+    """How the decoder variance sigma2 is chosen: one class carries everything the library needs to know.
+
+    Training: ``sigma2(sq_err)`` gets the elementwise squared errors (B, D) (detached unless the policy is learned)
+    and returns a variance of shape () (isotropic), (D,) (one per element) or (B, 1) (one per sample). The
+    default :meth:`loss` is the batch mean of -ELBO at that sigma2; with a detached maximum-likelihood sigma2 this
+    is the AR-ELBO loss in its detached-MLE form.
+
+    Evaluation: :meth:`held_out_sigma2` says which sigma2 the -ELBO uses on a held-out split, from the split's
+    sums (an :class:`arelbo.metrics.ELBOAccumulator`); training validation and ``arelbo eval`` both call it. The
+    default is the split's isotropic maximum-likelihood value (the AR-ELBO rule); a policy whose sigma2 is a
+    given or learned value returns its own (:meth:`own_sigma2`). ``is_density``: False when the -ELBO at that
+    sigma2 is not the bound of one density p(x) (a per-example sigma2); likelihood estimates then use the
+    isotropic MLE (:meth:`density_sigma2`).
+
+    Options: the keyword arguments of ``__init__`` (except ``floor``, which is ``objective.sigma2_floor``) are
+    the policy's options, set in configs as ``objective.options.NAME``; the constructor validates them
+    (``ValueError``). Display and study specs (``arelbo compare --policies``): ``label`` names the policy in
+    tables. A spec is ``NAME[:ARGS]``, ARGS comma-separated items: a bare number sets ``spec_option`` (required
+    when ``spec_required``), a bare word of ``spec_flags`` sets the options it maps to (in the same slot as the
+    number), ``KEY=VALUE`` sets option ``spec_keys[KEY]``; ``spec_aliases`` maps short names to full specs.
+    :meth:`spec_label` names a parsed spec; ``spec_what``/``spec_example`` phrase errors, ``spec_form`` the help.
     """
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # display name (default: the name)
+    is_density: ClassVar[bool] = True
+    sigma2_kind: ClassVar[str] = "estimated"  # "estimated" from the data (ar-type), "given" or "learned"
+    spec_option: ClassVar[Optional[str]] = None
+    spec_required: ClassVar[bool] = False
+    spec_flags: ClassVar[dict] = {}  # e.g. {"mle": {"init_mle": True}}
+    spec_keys: ClassVar[dict] = {}  # e.g. {"lr": "log_sigma2_lr"}
+    spec_aliases: ClassVar[dict] = {}  # e.g. {"learned-fair": "learned:mle,lr=0.01"}
+    spec_format: ClassVar[str] = ""  # the label with the spec's number, e.g. "fixed σ²={}"
+    spec_what: ClassVar[str] = ""  # e.g. "sigma2" in "fixed needs its sigma2, e.g. fixed:0.1"
+    spec_example: ClassVar[str] = "1"
+    spec_form: ClassVar[str] = ""  # how help texts show the spec, e.g. "fixed:S (S > 0)" (default from the above)
     kl_weight: float = 1.0
 
     def __init__(self, floor: float = 1e-6):
@@ -161,8 +214,92 @@ class DecoderVariance(nn.Module):
         """Optimiser options (e.g. ``{"lr": 1e-2}``) for this policy's own parameters; {}: the trainer's."""
         return {}
 
+    def mle_sigma2(self, sq_err: Tensor) -> Optional[Tensor]:
+        """The maximum-likelihood sigma2 of this batch *with* its dependence on the parameters (not detached),
+        for policies whose sigma2 is such an estimate (used for exact Hessians); None otherwise."""
+        return None
+
+    # ---- evaluation on a held-out split
+
+    def held_out_sigma2(self, stats) -> HeldOutSigma2:
+        """The sigma2 of this policy's -ELBO on a held-out split; ``stats`` holds the split's sums (an
+        :class:`arelbo.metrics.ELBOAccumulator`; may be None for policies that do not need data)."""
+        if stats is None:
+            raise ValueError(f"policy {self.name!r} estimates sigma2 from data: an evaluation-set accumulator is needed")
+        return HeldOutSigma2(stats.ar_sigma2().clamp_min(self.floor), "isotropic",
+                             f"eval-set MLE, isotropic ({self.name})")
+
+    def own_sigma2(self) -> HeldOutSigma2:
+        """The policy's own (data-independent) sigma2 as a held-out rule: for given and learned values."""
+        was_training = self.training
+        self.train(False)  # reading the value must not advance a policy's state (e.g. a first-batch init)
+        try:
+            with torch.no_grad():
+                value = self.sigma2(torch.zeros(1, 1, dtype=torch.float64)).detach().double().cpu()
+        finally:
+            self.train(was_training)
+        return HeldOutSigma2(value, "isotropic", f"policy {self.name} (its own sigma2)")
+
+    def density_sigma2(self, stats) -> HeldOutSigma2:
+        """The sigma2 that defines one density p(x) for likelihood estimates (IS-NLL, sampling): the held-out
+        rule when it is a density, else the split's isotropic maximum-likelihood value."""
+        if self.is_density:
+            return self.held_out_sigma2(stats)
+        return HeldOutSigma2(stats.ar_sigma2().clamp_min(self.floor), "isotropic",
+                             f"eval-set MLE, isotropic (policy {self.name}'s sigma2 defines no single density)")
+
+    # ---- options and display
+
+    @classmethod
+    def options(cls) -> dict[str, PolicyOption]:
+        """name -> :class:`PolicyOption`, from the constructor's keyword arguments (``floor`` excluded)."""
+        return policy_options(cls)
+
+    @classmethod
+    def spec_label(cls, first: str | None = None, keyed: dict[str, str] | None = None) -> str:
+        """The label of a study spec: ``first`` the text of its number or flag, ``keyed`` its KEY=VALUE items."""
+        label = cls.label or cls.name
+        if first is not None:
+            label = (cls.spec_format or f"{label} {cls.spec_option}={{}}").format(first)
+        if keyed:
+            label += " (" + ", ".join(f"{k} {v}" for k, v in keyed.items()) + ")"
+        return label
+
     def extra_repr(self) -> str:
         return f"floor={self.floor:g}"
+
+
+def policy_options(cls: type[DecoderVariance]) -> dict[str, PolicyOption]:
+    """The options of a policy class: its constructor's keyword arguments with their annotated type (else the
+    default's type) and default, except ``floor``."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        hints = {}
+    out: dict[str, PolicyOption] = {}
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in ("self", "floor") or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = None if p.default is p.empty else p.default
+        tp = hints.get(p.name, type(default) if default is not None else Any)
+        out[p.name] = PolicyOption(p.name, tp, default)
+    return out
+
+
+def _check_number(what: str, value, lo: float = 0.0, lo_inclusive: bool = False, hi: float | None = None) -> float:
+    """A finite real in the range, or ValueError "<what> must be > 0, got -1" (the form study specs report too)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    v = float(value) if ok else float("nan")
+    if not ok or not math.isfinite(v) or v < lo or (v == lo and not lo_inclusive) or (hi is not None and v >= hi):
+        bound = f"{'>=' if lo_inclusive else '>'} {_num(lo)}" + (f" and < {_num(hi)}" if hi is not None else "")
+        raise ValueError(f"{what} must be {bound}, got {_num(value) if ok else repr(value)}")
+    return v
+
+
+def _num(value) -> str:
+    """Shortest round-trip text of a float without a trailing '.0' (1.0 -> '1', 1e-05 -> '1e-05')."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
 
 
 POLICIES: dict[str, type[DecoderVariance]] = {}
@@ -183,16 +320,22 @@ class Fixed(DecoderVariance):
     """sigma2 given and constant (sigma2 = 1 is the classic VAE). No floor: the user chose the value."""
 
     name = "fixed"
+    label = "fixed σ²"
+    sigma2_kind = "given"
+    spec_option, spec_required, spec_format, spec_what, spec_example = "sigma2", True, "fixed σ²={}", "sigma2", "0.1"
+    spec_form = "fixed:S (S > 0)"
 
     def __init__(self, sigma2: float = 1.0, floor: float = 1e-6):
         super().__init__(floor)
-        if not (isinstance(sigma2, (int, float)) and math.isfinite(sigma2) and sigma2 > 0):
-            raise ValueError(f"fixed sigma2 must be a positive finite number, got {sigma2!r}")
+        sigma2 = _check_number("fixed sigma2", sigma2)
         self.register_buffer("value", torch.tensor(float(sigma2)), persistent=False)
         self.sigma2_value = float(sigma2)  # exact: the float32 buffer would round it for float64 losses
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         return torch.full((), self.sigma2_value, dtype=sq_err.dtype, device=sq_err.device)
+
+    def held_out_sigma2(self, stats) -> HeldOutSigma2:
+        return self.own_sigma2()
 
     def extra_repr(self) -> str:
         return f"sigma2={self.value.item():g}"
@@ -207,10 +350,12 @@ class Beta(Fixed):
     """
 
     name = "beta"
+    label = "β-VAE"
+    spec_option, spec_required, spec_format, spec_what, spec_example = "beta", True, "β-VAE β={}", "value", "4"
+    spec_form = "beta:B (B > 0)"
 
     def __init__(self, beta: float = 1.0, floor: float = 1e-6):
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        beta = _check_number("beta", beta)
         super().__init__(sigma2=beta / 2.0, floor=floor)
         self.beta = float(beta)
 
@@ -236,14 +381,19 @@ class Learned(DecoderVariance):
     """
 
     name = "learned"
+    label = "learned σ²"
+    sigma2_kind = "learned"
+    spec_option, spec_what, spec_form = "init_sigma2", "initial value", "learned[:S0|mle][,lr=X]"
+    spec_flags = {"mle": {"init_mle": True}}
+    spec_keys = {"lr": "log_sigma2_lr"}
+    spec_aliases = {"learned-fair": "learned:mle,lr=0.01"}  # the fair baseline: starts where AR-ELBO starts
 
     def __init__(self, init_sigma2: float = 1.0, floor: float = 1e-6, init_mle: bool = False,
                  log_sigma2_lr: float | None = None):
         super().__init__(floor)
-        if not init_sigma2 > 0:
-            raise ValueError(f"init_sigma2 must be > 0, got {init_sigma2}")
-        if log_sigma2_lr is not None and not (math.isfinite(log_sigma2_lr) and log_sigma2_lr > 0):
-            raise ValueError(f"log_sigma2_lr must be a positive number or None, got {log_sigma2_lr!r}")
+        init_sigma2 = _check_number("initial sigma2", init_sigma2)
+        if log_sigma2_lr is not None:
+            log_sigma2_lr = _check_number("log_sigma2_lr: the log sigma2 learning rate", log_sigma2_lr)
         self.log_sigma2 = nn.Parameter(torch.tensor(math.log(init_sigma2)))
         self.init_mle = bool(init_mle)
         self.log_sigma2_lr = None if log_sigma2_lr is None else float(log_sigma2_lr)
@@ -253,6 +403,12 @@ class Learned(DecoderVariance):
     def optimizer_options(self) -> dict:
         return {} if self.log_sigma2_lr is None else {"lr": self.log_sigma2_lr}
 
+    @classmethod
+    def spec_label(cls, first: str | None = None, keyed: dict[str, str] | None = None) -> str:
+        parts = [] if first is None else ["MLE init" if first == "mle" else f"init {first}"]
+        parts += [f"{k} {v}" for k, v in (keyed or {}).items()]
+        return cls.label + (" (" + ", ".join(parts) + ")" if parts else "")
+
     def sigma2(self, sq_err: Tensor) -> Tensor:
         if self.init_mle and self.training and not bool(self.initialised):
             total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
@@ -261,6 +417,9 @@ class Learned(DecoderVariance):
                 self.initialised.fill_(True)
         # A floor through a smooth max would bias the optimum; clamp only where it binds.
         return self.log_sigma2.exp().clamp_min(self.floor).to(sq_err.dtype)
+
+    def held_out_sigma2(self, stats) -> HeldOutSigma2:
+        return self.own_sigma2()
 
     def extra_repr(self) -> str:
         lr = "" if self.log_sigma2_lr is None else f", log_sigma2_lr={self.log_sigma2_lr:g}"
@@ -272,10 +431,14 @@ class AR(DecoderVariance):
     """AR-ELBO, isotropic: sigma2 = (batch mean of ||x - x^||^2) / D, detached, all-reduced under DDP."""
 
     name = "ar"
+    label = "AR-ELBO"
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
         return (total / count).clamp_min(self.floor).to(sq_err.dtype)
+
+    def mle_sigma2(self, sq_err: Tensor) -> Tensor:
+        return sq_err.mean()
 
 
 @register_policy
@@ -283,20 +446,44 @@ class ARDiagonal(DecoderVariance):
     """One sigma2 per observed element, shared across data: sigma2_d = batch mean of (x_d - x^_d)^2."""
 
     name = "ar-diagonal"
+    label = "AR-ELBO diagonal"
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         total, count = _global_sums(sq_err.detach().sum(0), sq_err.new_tensor(float(sq_err.shape[0])))
         return (total / count).clamp_min(self.floor).to(sq_err.dtype)
 
+    def mle_sigma2(self, sq_err: Tensor) -> Tensor:
+        return sq_err.mean(0)
+
+    def held_out_sigma2(self, stats) -> HeldOutSigma2:
+        if stats is None:
+            return super().held_out_sigma2(stats)
+        return HeldOutSigma2(stats.ar_sigma2(diagonal=True).clamp_min(self.floor), "diagonal",
+                             f"eval-set MLE, diagonal ({self.name})")
+
 
 @register_policy
 class ARPerSample(DecoderVariance):
-    """One isotropic sigma2 per data point: sigma2(x) = ||x - x^||^2 / D (local to each sample: no all-reduce)."""
+    """One isotropic sigma2 per data point: sigma2(x) = ||x - x^||^2 / D (local to each sample: no all-reduce).
+
+    A per-example sigma2 defines no single density p(x): likelihood estimates use the isotropic MLE instead."""
 
     name = "ar-per-sample"
+    label = "AR-ELBO per-sample"
+    is_density = False
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         return sq_err.detach().mean(1, keepdim=True).clamp_min(self.floor)
+
+    def mle_sigma2(self, sq_err: Tensor) -> Tensor:
+        return sq_err.mean(1, keepdim=True)
+
+    def held_out_sigma2(self, stats) -> HeldOutSigma2:
+        if stats is None:
+            return super().held_out_sigma2(stats)
+        if self.floor != stats.per_sample_floor:
+            raise ValueError(f"per-sample floor {self.floor} differs from the accumulator's {stats.per_sample_floor}")
+        return HeldOutSigma2(None, "per-sample", f"eval-set MLE per example ({self.name})")
 
 
 @register_policy
@@ -304,16 +491,17 @@ class AREMA(DecoderVariance):
     """sigma2 from an exponential moving average of the batch MLE (kept in state_dict, so it resumes).
 
     In training mode each call updates the average with the (all-reduced) batch MLE and uses the updated value;
-    the first call initialises it. In eval mode the stored value is used unchanged.
+    the first call initialises it. In eval mode the stored value is used unchanged. On a held-out split its
+    -ELBO uses the split's isotropic MLE, like ``ar``.
     """
 
     name = "ar-ema"
+    label = "AR-ELBO EMA"
+    spec_option, spec_format, spec_form = "momentum", "AR-ELBO EMA m={}", "ar-ema[:M] (0 <= M < 1)"
 
     def __init__(self, momentum: float = 0.99, floor: float = 1e-6):
         super().__init__(floor)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
+        self.momentum = _check_number("momentum", momentum, lo=0.0, lo_inclusive=True, hi=1.0)
         self.register_buffer("running_sigma2", torch.tensor(1.0))
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
 
@@ -345,6 +533,9 @@ class ARAnnealed(DecoderVariance):
     """
 
     name = "ar-annealed"
+    label = "AR-ELBO annealed"
+    spec_option, spec_what, spec_format = "anneal_steps", "the annealing steps", "AR-ELBO annealed over {} steps"
+    spec_form = "ar-annealed[:N] (N >= 1 steps)"
 
     def __init__(self, anneal_steps: int = 10000, anneal_from: float = 1.0, floor: float = 1e-6):
         super().__init__(floor)

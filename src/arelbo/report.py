@@ -174,6 +174,7 @@ def _training_groups(results: dict) -> list[tuple[str, dict]]:
 
 def plot_sigma2_trajectories(results: dict, out: Path, path: Path) -> Figure | None:
     from arelbo.runs import read_jsonl
+    from arelbo.study import policy_sigma2_kind
 
     fig = _figure(8, 4.5)
     ax = fig.add_subplot()
@@ -189,7 +190,7 @@ def plot_sigma2_trajectories(results: dict, out: Path, path: Path) -> Figure | N
             if not recs:
                 continue
             ax.plot([r["step"] for r in recs], [r["sigma2"] for r in recs], color=color, alpha=1.0 if j == 0 else 0.45,
-                    lw=1.4, ls="--" if p["policy"] == "fixed" else "-", label=label if j == 0 else None)
+                    lw=1.4, ls="--" if policy_sigma2_kind(p) == "given" else "-", label=label if j == 0 else None)
             drawn += 1
     if not drawn:
         return None

@@ -102,7 +102,7 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", map_location="cp
     cfg = ckpt["config"]
     model = build_model(ModelConfig(**cfg["model"]), ckpt["data_shape"])
     model.load_state_dict(ckpt["model"])
-    loss_fn = ObjectiveConfig(**cfg["objective"]).build()
+    loss_fn = ObjectiveConfig(**ObjectiveConfig.upgrade(cfg["objective"])).build()
     loss_fn.load_state_dict(ckpt.get("objective", {}))
     return model.eval(), loss_fn.eval(), ckpt
 

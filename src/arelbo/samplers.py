@@ -57,6 +57,9 @@ class LatentSampler:
     """
 
     name: ClassVar[str] = ""
+    # set on samplers that define a study method of their own: the policy its first stage trains with
+    first_stage_policy: ClassVar[str | None] = None
+    study_label: ClassVar[str] = ""
 
     def __init__(self):
         self.latent_dim: int | None = None
@@ -228,6 +231,9 @@ class TwoStageSampler(LatentSampler):
     """
 
     name = "two-stage"
+    # a study spec "two-stage[:S0]" means: train with this policy ("learned[:S0]"), generate with this sampler
+    first_stage_policy: ClassVar[str] = "learned"
+    study_label: ClassVar[str] = "two-stage VAE"
 
     def __init__(self, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
                  hidden: Sequence[int] = (256, 256), policy: str = "ar", codes: str = "sample", noise: bool = True,
@@ -315,7 +321,7 @@ class TwoStageSampler(LatentSampler):
 
     def _final_sigma2(self, mu: Tensor, std: Tensor | None, gen: torch.Generator) -> Tensor:
         """The second stage's decoder variance: its policy's value, or the ar-type MLE over all training codes."""
-        from arelbo.metrics.likelihood import ELBOAccumulator, resolve_sigma2
+        from arelbo.metrics.likelihood import ELBOAccumulator
 
         acc = ELBOAccumulator(per_sample_floor=self.loss_fn.policy.floor)
         with torch.inference_mode():
@@ -326,9 +332,7 @@ class TwoStageSampler(LatentSampler):
                 m, lv = self.vae.encode(u)
                 z = m + (0.5 * lv).exp() * torch.randn(m.shape, generator=gen)
                 acc.update((u - self.vae.decode(z)).pow(2), m, lv)
-        value, kind, _ = resolve_sigma2(self.loss_fn, acc)
-        if kind == "per-sample":
-            value = acc.ar_sigma2().clamp_min(self.loss_fn.policy.floor)
+        value = self.loss_fn.policy.density_sigma2(acc).value
         return value.float().reshape(-1) if value.dim() else value.float()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

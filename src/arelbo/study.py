@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from arelbo.config import ConfigError, RunConfig, load_config
+from arelbo.objectives import Learned
 
 __all__ = [
     "StudyError",
@@ -78,6 +79,7 @@ __all__ = [
     "run_study",
     "collect_results",
     "aggregate_values",
+    "policy_sigma2_kind",
     "DEFAULT_POLICIES",
     "DEFAULT_SWEEP_SIGMA2",
 ]
@@ -112,130 +114,145 @@ class PolicySpec:
     slug: str  # file-name form ("fixed-0.1")
     label: str  # for tables and plots ("fixed sigma2=0.1")
     policy: str  # arelbo.objectives policy name
-    objective: dict  # objective.* settings
-    sampler: str  # the sampler that generates for FID: "prior" or "two-stage"
+    objective: dict  # objective.* settings: {"policy": name, "options": {...}} (no options: {"policy": name})
+    sampler: str  # the sampler that generates for FID: "prior" or a sampler with a first stage ("two-stage")
     train_slug: str  # the training run this cell uses (= slug, except two-stage -> its learned run)
-    sigma2: float | None = None  # the fixed value (fixed:S), for sweep plots
+    sigma2: float | None = None  # the constant sigma2 of a given-sigma2 policy set by its spec (fixed:S), for sweeps
+    sigma2_kind: str = "estimated"  # the policy's DecoderVariance.sigma2_kind: "estimated", "given" or "learned"
 
     def overrides(self) -> list[str]:
-        return [f"objective.{k}={json.dumps(v)}" for k, v in self.objective.items()]
+        # options start empty: a policy's options never carry over from the base config's policy
+        return [f"objective.policy={json.dumps(self.policy)}",
+                f"objective.options={json.dumps(self.objective.get('options', {}))}"]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_GRAMMAR = ("fixed:S (S > 0), beta:B (B > 0), learned[:S0|mle][,lr=X], learned-fair, two-stage[:S0|mle][,lr=X], "
-            "ar, ar-diagonal, ar-per-sample, ar-ema[:M] (0 <= M < 1), ar-annealed[:N] (N >= 1 steps)")
+def _spec_forms() -> list[str]:
+    """The valid spec forms, from the registered policies (their aliases, and samplers with a first stage)."""
+    from arelbo.objectives import POLICIES
+    from arelbo.samplers import SAMPLERS
+
+    forms = []
+    for name, cls in POLICIES.items():
+        opt = cls.spec_option
+        form = cls.spec_form or (name if opt is None else f"{name}:{opt}" if cls.spec_required else f"{name}[:{opt}]")
+        forms.append(form)
+        forms.extend(cls.spec_aliases)
+        for sname, scls in SAMPLERS.items():
+            if scls.first_stage_policy == name:
+                forms.append(sname + form[len(name):].split(" (")[0])
+    return forms
 
 
-def _spec_number(spec: str, raw: str, what: str, lo: float = 0.0, lo_inclusive: bool = False,
-                 hi: float | None = None) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StudyError(f"policy {spec!r}: {what} must be a number, got {raw!r}") from None
-    bad = not math.isfinite(value) or value < lo or (value == lo and not lo_inclusive) or (hi is not None and value >= hi)
-    if bad:
-        bound = f"{'>=' if lo_inclusive else '>'} {_num(lo)}" + (f" and < {_num(hi)}" if hi is not None else "")
-        raise StudyError(f"policy {spec!r}: {what} must be {bound}, got {raw}")
-    return value
+def _grammar() -> str:
+    return ", ".join(_spec_forms())
 
 
-FAIR_LEARNED = "learned:mle,lr=0.01"  # what "learned-fair" stands for
-
-
-def _learned_args(text: str, arg: str) -> tuple[dict, list[str], str]:
-    """``learned``'s comma-separated arguments: S0 (initial sigma2) or ``mle``, and ``lr=X`` -> (objective.*
-    settings, canonical parts in order, label suffix)."""
-    objective: dict[str, Any] = {"policy": "learned"}
-    init, lr = None, None
-    for item in (a.strip() for a in arg.split(",")) if arg else ():
-        if not item:
-            raise StudyError(f"policy {text!r}: empty argument; valid forms: {_GRAMMAR}")
-        if item.startswith("lr="):
-            if lr is not None:
-                raise StudyError(f"policy {text!r}: lr given twice")
-            lr = _spec_number(text, item[3:].strip(), "the log sigma2 learning rate")
-        elif init is not None:
-            raise StudyError(f"policy {text!r}: give one initial value (a number or mle), got two")
-        elif item == "mle":
-            init = "mle"
-        else:
-            init = _spec_number(text, item, "the initial sigma2")
-    parts, label = [], []
-    if init == "mle":
-        objective["init_mle"] = True
-        parts.append("mle")
-        label.append("MLE init")
-    elif init is not None:
-        objective["init_sigma2"] = init
-        parts.append(_num(init))
-        label.append(f"init {_num(init)}")
-    if lr is not None:
-        objective["log_sigma2_lr"] = lr
-        parts.append(f"lr={_num(lr)}")
-        label.append(f"lr {_num(lr)}")
-    return objective, parts, (" (" + ", ".join(label) + ")") if label else ""
+FAIR_LEARNED = Learned.spec_aliases["learned-fair"]  # what "learned-fair" stands for
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """Parse one policy spec (see the module docstring); errors name the spec and list the valid forms."""
+    """Parse one policy spec (see the module docstring); errors name the spec and list the valid forms.
+
+    ``NAME`` or ``NAME:VALUE`` for any registered policy (VALUE sets its ``spec_option``), or ``SAMPLER[:VALUE]``
+    for a sampler with a first stage of its own (``two-stage``: the ``learned[:VALUE]`` run, its own sampler).
+    """
+    from arelbo.objectives import POLICIES, make_policy
+    from arelbo.samplers import SAMPLERS
+
     if not isinstance(text, str) or not text.strip():
-        raise StudyError(f"empty policy spec; valid forms: {_GRAMMAR}")
+        raise StudyError(f"empty policy spec; valid forms: {_grammar()}")
     spec = text.strip().lower()
     name, sep, arg = spec.partition(":")
     name, arg = name.strip(), arg.strip()
     if sep and not arg:
-        raise StudyError(f"policy {text!r}: nothing after ':'; valid forms: {_GRAMMAR}")
-    if name == "fixed":
-        if not sep:
-            raise StudyError(f"policy {text!r}: fixed needs its sigma2, e.g. fixed:0.1")
-        s2 = _spec_number(text, arg, "sigma2")
-        c = f"fixed:{_num(s2)}"
-        return PolicySpec(c, f"fixed-{_num(s2)}", f"fixed σ²={_num(s2)}", "fixed", {"policy": "fixed", "sigma2": s2},
-                          "prior", f"fixed-{_num(s2)}", s2)
-    if name == "beta":
-        if not sep:
-            raise StudyError(f"policy {text!r}: beta needs its value, e.g. beta:4")
-        b = _spec_number(text, arg, "beta")
-        return PolicySpec(f"beta:{_num(b)}", f"beta-{_num(b)}", f"β-VAE β={_num(b)}", "beta",
-                          {"policy": "beta", "beta": b}, "prior", f"beta-{_num(b)}")
-    if name == "learned-fair":
-        if sep:
-            raise StudyError(f"policy {text!r}: learned-fair takes no argument (it is {FAIR_LEARNED}); "
-                             f"write learned:mle,lr=X for another learning rate")
-        name, sep, arg = "learned", ":", FAIR_LEARNED.partition(":")[2]
-    if name in ("learned", "two-stage"):
-        objective, parts, label = _learned_args(text, arg if sep else "")
-        suffix = (":" + ",".join(parts)) if parts else ""
-        learned_slug = "learned" + "".join("-" + q.replace("=", "") for q in parts)
-        if name == "learned":
-            return PolicySpec("learned" + suffix, learned_slug, "learned σ²" + label, "learned", objective, "prior",
-                              learned_slug)
-        return PolicySpec("two-stage" + suffix, "two-stage" + learned_slug[len("learned"):], "two-stage VAE" + label,
-                          "learned", objective, "two-stage", learned_slug)
-    if name == "ar-annealed":
-        if not sep:
-            return PolicySpec("ar-annealed", "ar-annealed", "AR-ELBO annealed", "ar-annealed",
-                              {"policy": "ar-annealed"}, "prior", "ar-annealed")
-        n = _spec_number(text, arg, "the annealing steps", lo=1.0, lo_inclusive=True)
-        if not n.is_integer():
-            raise StudyError(f"policy {text!r}: the annealing steps must be a whole number, got {arg}")
-        n = int(n)
-        return PolicySpec(f"ar-annealed:{n}", f"ar-annealed-{n}", f"AR-ELBO annealed over {n} steps", "ar-annealed",
-                          {"policy": "ar-annealed", "anneal_steps": n}, "prior", f"ar-annealed-{n}")
-    if name == "ar-ema":
-        if sep:
-            m = _spec_number(text, arg, "the momentum", lo=0.0, lo_inclusive=True, hi=1.0)
-            return PolicySpec(f"ar-ema:{_num(m)}", f"ar-ema-{_num(m)}", f"AR-ELBO EMA m={_num(m)}", "ar-ema",
-                              {"policy": "ar-ema", "momentum": m}, "prior", f"ar-ema-{_num(m)}")
-        return PolicySpec("ar-ema", "ar-ema", "AR-ELBO EMA", "ar-ema", {"policy": "ar-ema"}, "prior", "ar-ema")
-    labels = {"ar": "AR-ELBO", "ar-diagonal": "AR-ELBO diagonal", "ar-per-sample": "AR-ELBO per-sample"}
-    if name in labels:
-        if sep:
-            raise StudyError(f"policy {text!r}: {name} takes no argument; valid forms: {_GRAMMAR}")
-        return PolicySpec(name, name, labels[name], name, {"policy": name}, "prior", name)
-    raise StudyError(f"unknown policy {text!r}; valid forms: {_GRAMMAR}")
+        raise StudyError(f"policy {text!r}: nothing after ':'; valid forms: {_grammar()}")
+    for cls in POLICIES.values():  # short names, e.g. learned-fair = learned:mle,lr=0.01
+        if name in cls.spec_aliases:
+            if sep:
+                raise StudyError(f"policy {text!r}: {name} takes no argument (it is {cls.spec_aliases[name]}); "
+                                 f"write the full form for other values")
+            name, sep, arg = cls.spec_aliases[name].partition(":")
+            break
+    sampler, sampler_cls = "prior", None
+    if name not in POLICIES and getattr(SAMPLERS.get(name), "first_stage_policy", None):
+        sampler, sampler_cls = name, SAMPLERS[name]
+        name = sampler_cls.first_stage_policy
+    if name not in POLICIES:
+        raise StudyError(f"unknown policy {text!r}; valid forms: {_grammar()}")
+    cls = POLICIES[name]
+    options, first, keyed = _spec_args(text, sampler_cls.name if sampler_cls else name, cls, arg if sep else "")
+    try:
+        make_policy(name, **options)
+    except ValueError as err:
+        raise StudyError(f"policy {text!r}: {err}") from None
+    parts = ([] if first is None else [first]) + [f"{k}={v}" for k, v in keyed.items()]
+    train_slug = name + "".join("-" + q.replace("=", "") for q in parts)
+    suffix = (":" + ",".join(parts)) if parts else ""
+    label = cls.spec_label(first, keyed)
+    objective = {"policy": name, "options": options} if options else {"policy": name}
+    if sampler_cls is not None:
+        base = cls.label or cls.name
+        label = sampler_cls.study_label + (label[len(base):] if label.startswith(base + " (") else
+                                           "" if label == base else f" ({label})")
+        return PolicySpec(sampler + suffix, sampler + train_slug[len(name):], label, name, objective, sampler,
+                          train_slug, None, cls.sigma2_kind)
+    # the spec's number is the constant sigma2 itself (fixed:S): the x axis of a sweep
+    given = options.get("sigma2") if cls.sigma2_kind == "given" and cls.spec_option == "sigma2" else None
+    return PolicySpec(name + suffix, train_slug, label, name, objective, "prior", train_slug, given, cls.sigma2_kind)
+
+
+def _spec_value(text: str, raw: str, what: str, option) -> tuple[Any, str]:
+    """A spec's number for ``option`` (a PolicyOption): (value, canonical text); ints must be whole numbers."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StudyError(f"policy {text!r}: {what} must be a number, got {raw!r}") from None
+    if option is not None and option.type is int:
+        if not value.is_integer():
+            raise StudyError(f"policy {text!r}: {what} must be a whole number, got {raw}")
+        return int(value), str(int(value))
+    return value, _num(value)
+
+
+def _spec_args(text: str, shown: str, cls, arg: str) -> tuple[dict, str | None, dict[str, str]]:
+    """A spec's comma-separated arguments -> (policy options, text of its number or flag, {KEY: text})."""
+    valid = cls.options()
+    options: dict[str, Any] = {}
+    first: str | None = None
+    keyed: dict[str, str] = {}
+    what = cls.spec_what or cls.spec_option or "value"
+    for item in (a.strip() for a in arg.split(",")) if arg else ():
+        if not item:
+            raise StudyError(f"policy {text!r}: empty argument; valid forms: {_grammar()}")
+        key, eq, raw = item.partition("=")
+        if eq:
+            key, raw = key.strip(), raw.strip()
+            if key not in cls.spec_keys:
+                known = ", ".join(f"{k}=" for k in cls.spec_keys) or "none"
+                raise StudyError(f"policy {text!r}: unknown argument {key!r}; {shown} takes {known}")
+            if key in keyed:
+                raise StudyError(f"policy {text!r}: {key} given twice")
+            option = cls.spec_keys[key]
+            options[option], keyed[key] = _spec_value(text, raw, f"the {key.replace('_', ' ')}", valid.get(option))
+            continue
+        if cls.spec_option is None and not cls.spec_flags:
+            raise StudyError(f"policy {text!r}: {shown} takes no argument; valid forms: {_grammar()}")
+        if first is not None:
+            flags = " or ".join(cls.spec_flags)
+            raise StudyError(f"policy {text!r}: give one {what}{f' (a number or {flags})' if flags else ''}, got two")
+        if item in cls.spec_flags:
+            options.update(cls.spec_flags[item])
+            first = item
+        else:
+            options[cls.spec_option], first = _spec_value(text, item, what, valid.get(cls.spec_option))
+    if first is None and cls.spec_required:
+        raise StudyError(f"policy {text!r}: {shown} needs its {what}, e.g. {shown}:{cls.spec_example}")
+    # keyed items in the class's order: equal specs have one canonical text
+    keyed = {k: keyed[k] for k in cls.spec_keys if k in keyed}
+    return options, first, keyed
 
 
 def parse_policies(items: str | Iterable[str]) -> list[PolicySpec]:
@@ -249,7 +266,7 @@ def parse_policies(items: str | Iterable[str]) -> list[PolicySpec]:
         p = parse_policy(str(item))
         out.setdefault(p.spec, p)
     if not out:
-        raise StudyError(f"no policies given; valid forms: {_GRAMMAR}")
+        raise StudyError(f"no policies given; valid forms: {_grammar()}")
     return list(out.values())
 
 
@@ -292,9 +309,11 @@ def parse_floats(text: str | Iterable[float], what: str = "--sigma2") -> list[fl
 
 def sweep_policies(sigma2: Iterable[float], reference: str | Iterable[str] = "ar") -> list[PolicySpec]:
     """The sweep's policy list: ``fixed:S`` for every S (largest first), then the reference policies."""
+    from arelbo.objectives import Fixed
+
     grid = sorted(set(float(s) for s in sigma2), reverse=True)
     refs = parse_policies(reference) if reference else []
-    return parse_policies([f"fixed:{_num(s)}" for s in grid] + [r.spec for r in refs])
+    return parse_policies([f"{Fixed.name}:{_num(s)}" for s in grid] + [r.spec for r in refs])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,6 +534,9 @@ def plan_study(
         key = text.split("=", 1)[0].strip()
         if key.startswith("objective.policy") or key == "objective":
             raise StudyError(f"--set {text}: the policy is what a study varies; list policies with --policies")
+        if key.startswith("objective.options"):
+            raise StudyError(f"--set {text}: policy options belong to each policy's spec (e.g. fixed:0.1, "
+                             f"ar-ema:0.9); list policies with --policies")
         if key == "train.seed":
             raise StudyError(f"--set {text}: seeds are what a study varies; use --seeds")
         if key in ("name", "out_dir"):
@@ -1171,7 +1193,9 @@ def paired_summary(policies: list[dict], reference: str | None = None, confidenc
         return None
     specs = [p["spec"] for p in policies]
     if reference is None:
-        reference = "ar" if "ar" in specs else specs[0]
+        from arelbo.objectives import DEFAULT_POLICY
+
+        reference = DEFAULT_POLICY if DEFAULT_POLICY in specs else specs[0]
     if reference not in specs:
         raise StudyError(f"reference policy {reference!r} is not in the study ({', '.join(specs)})")
     ref = policies[specs.index(reference)]
@@ -1216,20 +1240,33 @@ def _training_summary(cfg: RunConfig) -> dict:
 
 def _sweep_summary(policies: list[dict]) -> dict | None:
     """Fixed-sigma2 policies (two or more) against sigma2, and the other policies' final sigma2 for the marker."""
-    fixed = sorted((p for p in policies if p["policy"] == "fixed" and p.get("sigma2") is not None),
+    from arelbo.objectives import DEFAULT_POLICY
+
+    fixed = sorted((p for p in policies if policy_sigma2_kind(p) == "given" and p.get("sigma2") is not None),
                    key=lambda p: p["sigma2"])
     if len(fixed) < 2:
         return None
     keys = ("active_units", "smoothness", "kl_total", "fid", "fid_gmm")
-    # the marker: AR-ELBO's final sigma2 (the isotropic "ar"; other ar-type policies only when it is absent)
-    ar_type = [p for p in policies if p["policy"] in ("ar", "ar-ema", "ar-per-sample", "ar-diagonal") and p["n_done"]]
-    marked = [p for p in ar_type if p["policy"] == "ar"] or ar_type
+    # the marker: AR-ELBO's final sigma2 (the isotropic default policy; other policies whose sigma2 is estimated
+    # from the data only when it is absent)
+    ar_type = [p for p in policies if policy_sigma2_kind(p) == "estimated" and p["n_done"]]
+    marked = [p for p in ar_type if p["policy"] == DEFAULT_POLICY] or ar_type
     refs = [{"spec": p["spec"], "label": p["label"], "sigma2": p["aggregate"]["sigma2_final"],
              **{k: p["aggregate"].get(k) for k in keys}} for p in marked]
     return {"sigma2": [p["sigma2"] for p in fixed],
             "curves": {k: [p["aggregate"].get(k) for p in fixed] for k in keys},
             "specs": [p["spec"] for p in fixed],
             "references": refs}
+
+
+def policy_sigma2_kind(p: dict) -> str:
+    """A results.json policy entry's ``sigma2_kind`` (entries written before it was recorded: from the registry)."""
+    from arelbo.objectives import POLICIES
+
+    if p.get("sigma2_kind"):
+        return p["sigma2_kind"]
+    cls = POLICIES.get(p.get("policy"))
+    return cls.sigma2_kind if cls is not None else "estimated"
 
 
 def load_plan_dir(out: str | os.PathLike) -> dict:

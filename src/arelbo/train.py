@@ -4,9 +4,10 @@ This is the only module of the package that imports a training framework. What i
 
 * **Logging.** Every ``train.log_every_n_steps`` steps: loss, mse (distortion / D), distortion (per-sample sum of
   squared errors), rate (KL), sigma2, -ELBO and lr. Every epoch on the validation set: -ELBO in nats and bits/dim,
-  mse, KL and KL per latent dimension, active units (Cov_x(mu_j) > 0.01) and the sigma2 the -ELBO used. ``ar``,
-  ``ar-ema`` and ``ar-diagonal`` use sigma2 estimated on the whole validation set (the rule applied to summed
-  squared errors); the other policies use their own sigma2. Records go to ``metrics.jsonl`` (one JSON object
+  mse, KL and KL per latent dimension, active units (Cov_x(mu_j) > 0.01) and the sigma2 the -ELBO used: the
+  policy's own held-out rule (:meth:`arelbo.objectives.DecoderVariance.held_out_sigma2`, e.g. ``ar`` the MLE on
+  the whole validation set, ``fixed`` its constant), through the same :class:`arelbo.metrics.ELBOAccumulator` as
+  ``arelbo eval``. Records go to ``metrics.jsonl`` (one JSON object
   per line with ``split``, ``step``, ``epoch``) and to TensorBoard (``tensorboard/``), values averaged over
   processes.
 * **Checkpoints** in the package's own format (:mod:`arelbo.runs`: atomic writes, ``torch.load(weights_only=True)``,
@@ -45,7 +46,6 @@ from torch.utils.data import DataLoader, Sampler
 from arelbo import runs
 from arelbo.config import ConfigError, RunConfig
 from arelbo.models import build_model
-from arelbo.objectives import gaussian_kl, neg_elbo_per_sample
 
 __all__ = [
     "VAEModule",
@@ -57,13 +57,8 @@ __all__ = [
     "new_run_dir",
     "load_splits",
     "benchmark_steps",
-    "ESTIMATED_ISOTROPIC",
-    "ESTIMATED_DIAGONAL",
 ]
 
-# Policies whose validation -ELBO uses sigma2 estimated on the validation set (the rule over the whole set).
-ESTIMATED_ISOTROPIC = ("ar", "ar-ema", "ar-annealed")
-ESTIMATED_DIAGONAL = ("ar-diagonal",)
 ACTIVE_UNIT_THRESHOLD = 0.01
 RUN_DIR_ENV = "ARELBO_RUN_DIR"  # lets processes re-launched by the "ddp" strategy find their run directory
 
@@ -167,7 +162,8 @@ class VAEModule(pl.LightningModule):
         self.num_elements = math.prod(self.data_shape)
         self.last_val: dict[str, Any] | None = None
         self._resume_rng: dict | None = None
-        self._val_acc: dict[str, Tensor] | None = None
+        self._val_acc = None  # arelbo.metrics.ELBOAccumulator during validation
+        self._val_mu: Tensor | None = None
         self._val_eps: Tensor | None = None
         self._val_offset = 0
 
@@ -330,63 +326,43 @@ class VAEModule(pl.LightningModule):
             self._resume_rng = None
 
     def on_validation_epoch_start(self) -> None:
-        q, d = self.model.latent_dim, self.num_elements
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
-        self._val_acc = {"n": z(1), "sq": z(d), "rate": z(1), "kl": z(q), "mu": z(q), "mu2": z(q), "nelbo": z(1), "s2": z(1)}
+        from arelbo.metrics.likelihood import ELBOAccumulator
+
+        q = self.model.latent_dim
+        self._val_acc = ELBOAccumulator(per_sample_floor=self.loss_fn.policy.floor)
+        self._val_mu = torch.zeros(2, q, dtype=torch.float64, device=self.device)  # sums of mu and mu^2
         # Noise for the whole validation set from a (seed, epoch) generator, indexed by sample: the result does
         # not depend on the number of processes, and validation never touches the global RNG (exact resume).
         g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, self.current_epoch, 2))
         self._val_eps = torch.randn(len(self.splits.val), q, generator=g).to(self.device)
 
     def validation_step(self, x: Tensor, batch_idx: int) -> None:
-        acc = self._val_acc
         mu, logvar = self.model.encode(x)
         start = self._val_offset + batch_idx * self.cfg.data.eval_batch_size
         eps = self._val_eps[start : start + x.shape[0]].to(mu.dtype)
         x_hat = self.model.decode(mu + eps * (0.5 * logvar).exp())
         diff = x.flatten(1).double() - x_hat.flatten(1).double()
-        sq = diff * diff
-        kl = gaussian_kl(mu.double(), logvar.double())
-        rate = kl.sum(1)
-        acc["n"] += x.shape[0]
-        acc["sq"] += sq.sum(0)
-        acc["rate"] += rate.sum()
-        acc["kl"] += kl.sum(0)
-        acc["mu"] += mu.double().sum(0)
-        acc["mu2"] += mu.double().pow(2).sum(0)
-        policy = self.loss_fn.policy
-        if policy.name not in ESTIMATED_ISOTROPIC + ESTIMATED_DIAGONAL:
-            sigma2 = policy.sigma2(sq).double()  # eval mode: the policy's own value (per sample for ar-per-sample)
-            acc["nelbo"] += neg_elbo_per_sample(sq, sigma2, rate).sum()
-            acc["s2"] += sigma2.mean() * x.shape[0]
+        self._val_acc.update(diff * diff, mu, logvar)
+        self._val_mu += torch.stack([mu.double().sum(0), mu.double().pow(2).sum(0)])
 
     def on_validation_epoch_end(self) -> None:
         acc = self._val_acc
-        keys = list(acc)
-        flat = self._all_reduce(torch.cat([acc[k].reshape(-1) for k in keys]))
-        sums, start = {}, 0
-        for k in keys:
-            sums[k] = flat[start : start + acc[k].numel()].reshape(acc[k].shape)
-            start += acc[k].numel()
-        n = float(sums["n"].item())
+        d, q = self.num_elements, self.model.latent_dim
+        if acc.num_examples == 0:  # this process had no validation batch: contribute zeros to the sums
+            dev = self.device
+            acc.update(torch.zeros(0, d, dtype=torch.float64, device=dev), torch.zeros(0, q, device=dev),
+                       torch.zeros(0, q, device=dev))
+        acc.reduce(self._all_reduce)
+        mu_sums = self._all_reduce(self._val_mu)
+        n = acc.num_examples
         if n == 0:
             return
-        d = self.num_elements
-        floor = self.loss_fn.policy.floor
-        sq_mean = sums["sq"] / n  # (D,) mean squared error per element
-        distortion = float(sq_mean.sum())
-        kl = float(sums["rate"].item()) / n
-        policy = self.loss_fn.policy.name
-        if policy in ESTIMATED_ISOTROPIC:
-            s2 = max(distortion / d, floor)
-            nelbo = distortion / (2 * s2) + 0.5 * d * math.log(2 * math.pi * s2) + kl
-        elif policy in ESTIMATED_DIAGONAL:
-            s2_d = sq_mean.clamp_min(floor)
-            nelbo = float((sq_mean / (2 * s2_d) + 0.5 * torch.log(2 * math.pi * s2_d)).sum()) + kl
-            s2 = float(s2_d.mean())
-        else:
-            nelbo = float(sums["nelbo"].item()) / n
-            s2 = float(sums["s2"].item()) / n
+        # the policy's own held-out rule, the one ``arelbo eval`` applies to the test split
+        res = acc.result(self.loss_fn.policy)
+        nelbo = res.neg_elbo
+        s2 = acc.per_sample_sigma2_mean if res.sigma2 is None else res.sigma2_mean
+        distortion, kl = res.distortion, res.rate
+        sums = {"mu": mu_sums[0], "mu2": mu_sums[1]}
         var_mu = (sums["mu2"] / n - (sums["mu"] / n).pow(2)).clamp_min(0)
         record = {
             "neg_elbo": nelbo,
@@ -396,7 +372,7 @@ class VAEModule(pl.LightningModule):
             "kl": kl,
             "sigma2": s2,
             "active_units": int((var_mu > ACTIVE_UNIT_THRESHOLD).sum().item()),
-            "kl_per_dim": [float(v) for v in (sums["kl"] / n).tolist()],
+            "kl_per_dim": [float(v) for v in res.kl_per_dim],
             "var_mu": [float(v) for v in var_mu.tolist()],
             "n": int(n),
         }

@@ -10,7 +10,9 @@ so one pass that accumulates S_d, the KL per dimension and (for the per-sample r
 squared error gives the -ELBO at *any* sigma2 afterwards, including the ar-type maximum-likelihood values that
 depend on the whole set: ``ar`` (and ``ar-ema``) sigma2 = sum_d S_d / (N D), where the -ELBO becomes
 (D/2)(log(2 pi sigma2) + 1) + KL; ``ar-diagonal`` sigma2_d = S_d / N; ``ar-per-sample`` sigma2_n = ||x_n - f||^2 / D.
-Fixed, beta and learned policies use their own sigma2. That is :class:`ELBOAccumulator`; no second pass is needed.
+Fixed, beta and learned policies use their own sigma2. Which rule a policy uses is the policy's own
+:meth:`~arelbo.objectives.DecoderVariance.held_out_sigma2`. That is :class:`ELBOAccumulator`; no second pass is
+needed, and training validation uses the same accumulator (its sums all-reduced across processes).
 
 **Importance-sampled NLL.** -log p(x) ~= -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): an upper bound
 in expectation that tightens as K grows and equals -log p(x) exactly for any K when q(z|x) is the true posterior.
@@ -51,11 +53,6 @@ __all__ = [
 LOG_2PI = math.log(2.0 * math.pi)
 LN2 = math.log(2.0)
 
-ISOTROPIC_MLE = ("ar", "ar-ema", "ar-annealed")  # evaluated with the eval-set isotropic maximum-likelihood sigma2
-DIAGONAL_MLE = ("ar-diagonal",)
-PER_SAMPLE_MLE = ("ar-per-sample",)
-GIVEN = ("fixed", "beta", "learned")  # the policy's own sigma2
-
 
 def bits_per_dim(nats, num_elements: int):
     """nats per example -> bits per observed element."""
@@ -84,7 +81,8 @@ class ELBOAccumulator:
     """One pass of sums from which :meth:`result` gives the mean -ELBO at any sigma2 (see the module docstring).
 
     ``update(sq_err, mu, logvar)`` with elementwise squared errors (B, D) (an estimate of, or exactly,
-    E_q (x - f(z))^2) and the posterior parameters (B, q). Sums are kept in float64 on the CPU.
+    E_q (x - f(z))^2) and the posterior parameters (B, q). Sums are kept in float64 on the inputs' device (no
+    host sync per batch); :meth:`reduce` combines the sums of several processes.
     """
 
     def __init__(self, per_sample_floor: float = 1e-6):
@@ -92,25 +90,50 @@ class ELBOAccumulator:
         self.num_examples = 0
         self.sq_err_sum: Tensor | None = None  # (D,) S_d
         self.kl_sum: Tensor | None = None  # (q,)
-        self.per_sample_log_sigma2_sum = 0.0  # sum_n log max(||x_n - f||^2 / D, floor)
-        self.per_sample_data_sum = 0.0  # sum_n ||x_n - f||^2 / (2 sigma2_n)
+        self._per_sample: Tensor | None = None  # (3,): sums over n of log sigma2_n, data term, sigma2_n
         self.sq_err_mode = "given"
 
     def update(self, sq_err: Tensor, mu: Tensor, logvar: Tensor) -> None:
         if sq_err.dim() != 2 or mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
             raise ValueError(f"need sq_err (B, D) and mu, logvar (B, q); got {tuple(sq_err.shape)}, {tuple(mu.shape)}, {tuple(logvar.shape)}")
-        sq = sq_err.detach().double().cpu()
-        kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - logvar.double() - 1.0)
+        sq = sq_err.detach().double()
+        kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - logvar.double() - 1.0).to(sq.device)
         per = sq.sum(1)
-        s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)
+        s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)  # the per-sample MLE, floored
+        per_sample = torch.stack([s2.log().sum(), (per / (2 * s2)).sum(), s2.sum()])
         if self.sq_err_sum is None:
-            self.sq_err_sum, self.kl_sum = sq.sum(0), kl.sum(0).cpu()
+            self.sq_err_sum, self.kl_sum, self._per_sample = sq.sum(0), kl.sum(0), per_sample
         else:
             self.sq_err_sum += sq.sum(0)
-            self.kl_sum += kl.sum(0).cpu()
-        self.per_sample_log_sigma2_sum += float(s2.log().sum())
-        self.per_sample_data_sum += float((per / (2 * s2)).sum())
+            self.kl_sum += kl.sum(0)
+            self._per_sample += per_sample
         self.num_examples += sq.shape[0]
+
+    def reduce(self, all_reduce) -> None:
+        """Replace the sums by their totals over processes: ``all_reduce(flat_float64_tensor) -> summed``."""
+        self._check()
+        parts = [self.sq_err_sum, self.kl_sum, self._per_sample,
+                 self.sq_err_sum.new_tensor([float(self.num_examples)])]
+        flat = all_reduce(torch.cat([p.reshape(-1) for p in parts]))
+        d, q = self.sq_err_sum.numel(), self.kl_sum.numel()
+        self.sq_err_sum, self.kl_sum = flat[:d].clone(), flat[d : d + q].clone()
+        self._per_sample, self.num_examples = flat[d + q : d + q + 3].clone(), int(round(float(flat[-1])))
+
+    @property
+    def per_sample_log_sigma2_sum(self) -> float:
+        """sum_n log max(||x_n - f||^2 / D, floor)"""
+        return float(self._per_sample[0]) if self._per_sample is not None else 0.0
+
+    @property
+    def per_sample_data_sum(self) -> float:
+        """sum_n ||x_n - f||^2 / (2 sigma2_n)"""
+        return float(self._per_sample[1]) if self._per_sample is not None else 0.0
+
+    @property
+    def per_sample_sigma2_mean(self) -> float:
+        """Arithmetic mean over examples of the floored per-example MLE sigma2_n."""
+        self._check()
+        return float(self._per_sample[2]) / self.num_examples
 
     @property
     def num_elements(self) -> int:
@@ -124,7 +147,7 @@ class ELBOAccumulator:
     def ar_sigma2(self, diagonal: bool = False) -> Tensor:
         """The eval-set maximum-likelihood sigma2: scalar sum S_d / (N D), or (D,) S_d / N (no floor)."""
         self._check()
-        per_dim = self.sq_err_sum / self.num_examples
+        per_dim = self.sq_err_sum.cpu() / self.num_examples
         return per_dim if diagonal else per_dim.mean()
 
     def result(self, sigma2, floor: float = 1e-6, source: str | None = None) -> ELBOResult:
@@ -132,7 +155,7 @@ class ELBOAccumulator:
         eval-set MLE), a positive number, a () or (D,) tensor. See :func:`resolve_sigma2`."""
         self._check()
         n, d = self.num_examples, self.num_elements
-        kl_mean = self.kl_sum / n
+        kl_mean = self.kl_sum.cpu() / n
         rate = float(kl_mean.sum())
         value, kind, auto_source = resolve_sigma2(sigma2, self, floor)
         if kind == "per-sample":
@@ -140,13 +163,13 @@ class ELBOAccumulator:
             sigma2_out, sigma2_mean = None, math.exp(self.per_sample_log_sigma2_sum / n)  # geometric mean
         elif kind == "isotropic":
             s = value.double()
-            data = float(self.sq_err_sum.sum() / (2 * s * n) + 0.5 * d * (LOG_2PI + torch.log(s)))
+            data = float(self.sq_err_sum.sum().cpu() / (2 * s * n) + 0.5 * d * (LOG_2PI + torch.log(s)))
             sigma2_out = sigma2_mean = float(s)
         else:  # diagonal
             s = value.double().cpu()
             if s.shape != (d,):
                 raise ValueError(f"diagonal sigma2 must have shape ({d},), got {tuple(s.shape)}")
-            data = float((self.sq_err_sum / (2 * s * n) + 0.5 * (LOG_2PI + torch.log(s))).sum())
+            data = float((self.sq_err_sum.cpu() / (2 * s * n) + 0.5 * (LOG_2PI + torch.log(s))).sum())
             sigma2_out, sigma2_mean = s.tolist(), float(s.mean())
         total = data + rate
         return ELBOResult(
@@ -155,7 +178,7 @@ class ELBOAccumulator:
             sigma2=sigma2_out,
             sigma2_mean=sigma2_mean,
             sigma2_source=source or auto_source,
-            distortion=float(self.sq_err_sum.sum() / n),
+            distortion=float(self.sq_err_sum.sum().cpu() / n),
             rate=rate,
             kl_per_dim=kl_mean.tolist(),
             num_examples=n,
@@ -168,10 +191,10 @@ def resolve_sigma2(spec, acc: ELBOAccumulator | None = None, floor: float = 1e-6
     """Turn a sigma2 spec into (value, kind, description); kind is "isotropic", "diagonal" or "per-sample".
 
     ``spec``: a positive number or () tensor (isotropic), a (D,) tensor (diagonal), a policy name, a
-    :class:`~arelbo.objectives.DecoderVariance` or a :class:`~arelbo.objectives.GaussianVAELoss`. Policies:
-    ``ar``/``ar-ema`` -> eval-set isotropic MLE; ``ar-diagonal`` -> eval-set diagonal MLE; ``ar-per-sample`` ->
-    per-example MLE; ``fixed``/``beta``/``learned`` -> the policy's own value; any other policy -> the eval-set
-    isotropic MLE (said so in the description). MLE values are floored at the policy's floor (or ``floor``).
+    :class:`~arelbo.objectives.DecoderVariance` or a :class:`~arelbo.objectives.GaussianVAELoss`. A policy gives
+    its own held-out rule (:meth:`~arelbo.objectives.DecoderVariance.held_out_sigma2`: ar-type policies the
+    eval-set MLE, floored at the policy's floor; fixed, beta and learned their own value). A name is built with
+    ``floor``.
     """
     from arelbo.objectives import DecoderVariance, GaussianVAELoss, make_policy
 
@@ -180,21 +203,7 @@ def resolve_sigma2(spec, acc: ELBOAccumulator | None = None, floor: float = 1e-6
     if isinstance(spec, str):
         spec = make_policy(spec, floor=floor)
     if isinstance(spec, DecoderVariance):
-        name, floor = spec.name, spec.floor
-        if name in GIVEN:
-            with torch.no_grad():
-                value = spec.sigma2(torch.zeros(1, 1, dtype=torch.float64)).detach().double().cpu()
-            return value, "isotropic", f"policy {name} (its own sigma2)"
-        if acc is None:
-            raise ValueError(f"policy {name!r} estimates sigma2 from data: an evaluation-set accumulator is needed")
-        if name in DIAGONAL_MLE:
-            return acc.ar_sigma2(diagonal=True).clamp_min(floor), "diagonal", f"eval-set MLE, diagonal ({name})"
-        if name in PER_SAMPLE_MLE:
-            if floor != acc.per_sample_floor:
-                raise ValueError(f"per-sample floor {floor} differs from the accumulator's {acc.per_sample_floor}")
-            return None, "per-sample", f"eval-set MLE per example ({name})"
-        note = "" if name in ISOTROPIC_MLE else f"; policy {name!r} has no eval rule, isotropic MLE used"
-        return acc.ar_sigma2().clamp_min(floor), "isotropic", f"eval-set MLE, isotropic ({name}){note}"
+        return tuple(spec.held_out_sigma2(acc))
     value = torch.as_tensor(spec, dtype=torch.float64).detach().cpu()
     if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
         raise ValueError(f"sigma2 must be positive and finite, got {spec!r}")
