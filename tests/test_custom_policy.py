@@ -77,7 +77,7 @@ def test_custom_policy_trains_validates_and_evaluates_by_its_own_rule(tmp_path, 
     assert arelbo(*argv) == 0
     cfg = runs.read_config(run_dir)
     assert cfg.objective.policy == ScaledAR.name and cfg.objective.options == {"scale": 2.0}
-    model, loss_fn, _ = runs.load_model(run_dir, "last")
+    _, loss_fn, _ = runs.load_model(run_dir, "last")
     assert isinstance(loss_fn.policy, ScaledAR) and loss_fn.policy.scale == 2.0
 
     # validation: sigma2 = 2 x the validation set's MLE, and the -ELBO at that sigma2
