@@ -97,6 +97,9 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
         assert m["checkpoint"]["which"] == f"step-{step}" and m["checkpoint"]["global_step"] == step
     final = json.loads((run / "metrics.json").read_text())
     assert final["checkpoint"]["global_step"] == 8 and final["protocol"]["device"] == "cpu"
+    c = final["collapse"]
+    assert len(c["mutual_information_per_dim"]) == 3 and len(c["smoothness_normalised_per_dim"]) == 3
+    assert c["mutual_information_per_dim_total"] == pytest.approx(sum(c["mutual_information_per_dim"]))
     by = {p["spec"]: p for p in res["policies"]}
     curve = by["ar"]["curve"]
     assert [(c["step"], c["final"], c["n"]) for c in curve] == [(3, False, 2), (6, False, 2), (8, True, 2)]
@@ -106,6 +109,9 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     assert curve[0]["aggregate"]["kl_total"]["values"] == kl3
     assert curve[2]["aggregate"]["kl_total"] == by["ar"]["aggregate"]["kl_total"]
     cell = by["ar"]["cells"][1]
+    assert cell["values"]["mi_per_dim"] == c["mutual_information_per_dim_total"]
+    assert cell["values"]["smoothness_normalised"] == c["smoothness_normalised_mean"]
+    assert cell["mi_per_dim"] == c["mutual_information_per_dim"]
     assert [sn["step"] for sn in cell["snapshots"]] == [3, 6]
     # sigma2 at a snapshot comes from the training log up to that step
     log = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["step"] <= 3]

@@ -185,6 +185,8 @@ def evaluate_run(
         decoder_smoothness,
         iterate_batches,
         mutual_information,
+        mutual_information_per_dim,
+        normalised_smoothness,
     )
     from arelbo.metrics.features import sha256_file
     from arelbo.metrics.likelihood import (
@@ -257,6 +259,8 @@ def evaluate_run(
     t0 = time.perf_counter()
     n_smooth = n_eval if smoothness_examples is None else min(n_eval, int(smoothness_examples))
     smooth = decoder_smoothness(model.decoder, mu_all[:n_smooth].to(device), batch_size=batch_size) if n_smooth else None
+    smooth_norm = normalised_smoothness(smooth, mu_all[:n_smooth]) if n_smooth else None
+    mi_dims = mutual_information_per_dim(mu_all, logvar_all)
     timings["smoothness"] = time.perf_counter() - t0
 
     # ---- likelihood
@@ -350,8 +354,12 @@ def evaluate_run(
         "kl_total": elbo_policy.rate,
         "mutual_information": mi,
         "mutual_information_max": math.log(n_mi) if n_mi else None,
+        "mutual_information_per_dim": mi_dims.tolist(),
+        "mutual_information_per_dim_total": float(mi_dims.sum()),
         "smoothness_per_dim": smooth.tolist() if smooth is not None else None,
         "smoothness_mean": float(smooth.mean()) if smooth is not None else None,
+        "smoothness_normalised_per_dim": smooth_norm.tolist() if smooth_norm is not None else None,
+        "smoothness_normalised_mean": float(smooth_norm.mean()) if smooth_norm is not None else None,
     }
     likelihood = {
         "policy": policy_name,
@@ -377,6 +385,8 @@ def evaluate_run(
         "kl_total": elbo_policy.rate,
         "mutual_information": mi,
         "smoothness_mean": collapse["smoothness_mean"],
+        "smoothness_normalised_mean": collapse["smoothness_normalised_mean"],
+        "mi_per_dim_total": collapse["mutual_information_per_dim_total"],
         "sigma2_ar": likelihood["sigma2_ar"],
         "neg_elbo": elbo_policy.neg_elbo,
         "neg_elbo_bpd": elbo_policy.bits_per_dim,
@@ -413,7 +423,10 @@ def evaluate_run(
             "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
             "mi": {"num_examples": n_mi, "samples_per_example": 1,
                    "estimator": "E[log q(z|x) - log q(z)], q(z) = mixture of the N posteriors; <= log N"},
-            "smoothness": {"num_examples": n_smooth, "how": "mean over examples of ||J_f(mu) e_j||_2, forward-mode jvp"},
+            "smoothness": {"num_examples": n_smooth, "how": "mean over examples of ||J_f(mu) e_j||_2, forward-mode jvp",
+                           "normalised": "times std(mu_j) over the same examples (invariant to rescaling z_j)"},
+            "mi_per_dim": {"num_examples": n_eval, "estimator": "1/2 log(Var(mu_j) + E s_j^2) - 1/2 E log s_j^2: "
+                           "exact for a Gaussian aggregate posterior of z_j, else an upper bound; not capped at log N"},
             "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": float(value.mean())},
             "samplers": sampler_results,
             "fid": {"feature_net": net, "reference": reference_name, "kid": use_kid,

@@ -255,12 +255,19 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
     panels = [("active units", [("active_units", "-", "")]),
               ("decoder smoothness E‖∂f/∂z_j‖", [("smoothness", "-", "")]),
               ("total KL (nats)", [("kl_total", "-", "")]),
-              ("FID", [("fid", "-", " (prior sampler)"), ("fid_gmm", ":", " (GMM sampler)")])]
-    fig = _figure(10, 7)
-    axes = fig.subplots(2, 2)
+              ("FID", [("fid", "-", " (prior sampler)"), ("fid_gmm", ":", " (GMM sampler)")]),
+              ("scale-free smoothness E‖∂f/∂z_j‖·std(μ_j)", [("smoothness_normalised", "-", "")]),
+              ("Σ_j I(x; z_j) (nats)", [("mi_per_dim", "-", "")])]
+    # results.json written before the scale-free smoothness and per-dimension MI existed: the first four panels
+    panels = [pn for pn in panels if any(c[0] in sweep["curves"] for c in pn[1])]
+    fig = _figure(15 if len(panels) > 4 else 10, 7)
+    axes = fig.subplots(2, 3 if len(panels) > 4 else 2)
     curves_of = sweep["curves"]
     for ax, (title, curves) in zip(axes.flat, panels):
         curves = [c for c in curves if c[0] in curves_of]  # results.json written before fid_gmm existed lack it
+        if not curves:
+            ax.set_visible(False)
+            continue
         n = sum(_errorbar(ax, sweep["sigma2"], curves_of[key], color="#333333", marker="o", lw=1.5, ls=ls,
                           label=f"fixed σ²{suffix}") for key, ls, suffix in curves)
         for i, ref in enumerate(sweep["references"]):  # the reference's final σ² and its values there
@@ -281,14 +288,18 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
         if len(curves) > 1 and n:  # FID: prior and GMM curves differ by up to 25x here; a log axis shows both
             ax.set_yscale("log")
             ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     axes.flat[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("oversmoothing sweep: fixed σ² against AR-ELBO (star: its values at its own final σ²)")
     _save(fig, path)
     return Figure("sweep", "Oversmoothing sweep", path,
                   "Fixed σ² on a log grid (points: mean, bars: std over seeds). The dashed vertical line is where "
-                  "AR-ELBO's σ² ended; the star shows its active units, smoothness, KL and FID there (FID panel, log "
-                  "scale: solid, the prior sampler; dotted, a GMM fitted to the training codes, when evaluated).")
+                  "AR-ELBO's σ² ended; the star shows its values there (FID panel, log scale: solid, the prior sampler; "
+                  "dotted, a GMM fitted to the training codes, when evaluated). The scale-free smoothness multiplies "
+                  "each latent's decoder gradient by the spread of its codes (unchanged when a latent is rescaled); "
+                  "Σ_j I(x; z_j) sums each latent's own mutual information (Gaussian form, not capped at log N).")
 
 
 FID_LEGEND = {"fid": "FID (own sampler: prior / two-stage)", "fid_gmm": "FID (GMM sampler)"}

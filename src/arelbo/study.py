@@ -995,6 +995,8 @@ COLUMNS = [
     ("is_nll_bpd", "IS-NLL", "bits/dim", 4),
     ("sigma2_final", "final σ²", "", 3),
     ("smoothness", "decoder smoothness", "E‖∂f/∂z_j‖", 3),
+    ("smoothness_normalised", "decoder smoothness, scale-free", "E‖∂f/∂z_j‖·std(μ_j)", 3),
+    ("mi_per_dim", "Σ_j I(x; z_j)", "nats", 3),
 ]
 
 
@@ -1058,6 +1060,8 @@ def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int 
         "is_nll_bpd": s.get("is_nll_bpd"),
         "sigma2_final": final_sigma2(run_dir, metrics, step),
         "smoothness": s.get("smoothness_mean"),
+        "smoothness_normalised": s.get("smoothness_normalised_mean"),
+        "mi_per_dim": s.get("mi_per_dim_total"),
         "neg_elbo_ar": s.get("neg_elbo_ar"),
         "neg_elbo_ar_bpd": s.get("neg_elbo_ar_bpd"),
         "mutual_information": s.get("mutual_information"),
@@ -1105,6 +1109,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
                 entry["global_step"] = (metrics.get("checkpoint") or {}).get("global_step")
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
                              kl_per_dim=(metrics.get("collapse") or {}).get("kl_per_dim"),
+                             mi_per_dim=(metrics.get("collapse") or {}).get("mutual_information_per_dim"),
                              train_seconds=marker.get("train_seconds"),
                              eval_seconds=(metrics.get("timings_s") or {}).get("total"),
                              checkpoint=metrics.get("checkpoint"),
@@ -1246,7 +1251,7 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
                    key=lambda p: p["sigma2"])
     if len(fixed) < 2:
         return None
-    keys = ("active_units", "smoothness", "kl_total", "fid", "fid_gmm")
+    keys = ("active_units", "smoothness", "smoothness_normalised", "mi_per_dim", "kl_total", "fid", "fid_gmm")
     # the marker: AR-ELBO's final sigma2 (the isotropic default policy; other policies whose sigma2 is estimated
     # from the data only when it is absent)
     ar_type = [p for p in policies if policy_sigma2_kind(p) == "estimated" and p["n_done"]]

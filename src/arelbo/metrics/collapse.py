@@ -32,7 +32,9 @@ __all__ = [
     "active_units_from_loader",
     "kl_per_dim",
     "mutual_information",
+    "mutual_information_per_dim",
     "decoder_smoothness",
+    "normalised_smoothness",
     "encode_dataset",
     "batch_sq_err",
     "ar_sigma2",
@@ -280,6 +282,41 @@ def mutual_information(
 
 # --------------------------------------------------------------------------------------------------------------
 # Decoder smoothness
+
+
+def mutual_information_per_dim(mu: Tensor, logvar: Tensor) -> Tensor:
+    """(q,) I(x; z_j) in nats of each latent dimension alone, in its Gaussian form (not capped at log N).
+
+    With x uniform on the N evaluation examples, q(z_j | x) = N(mu_j(x), s_j^2(x)) and V_j = Var_x(mu_j) +
+    E_x[s_j^2] the variance of the aggregate posterior of z_j (Var with ddof 0),
+
+        I_j = 1/2 log V_j - 1/2 E_x[log s_j^2(x)]
+            = h(Gaussian of variance V_j) - E_x h(q(z_j | x)).
+
+    It equals I(x; z_j) exactly when the aggregate posterior of z_j is Gaussian (e.g. a linear encoder of
+    Gaussian data, where I_j = 1/2 log(1 + a_j^2 Var(x_j) / s_j^2)) and is otherwise an upper bound (the Gaussian
+    has the largest entropy at a given variance). A collapsed dimension (mu_j constant, s_j = 1) gives exactly 0.
+    Unlike the joint estimate :func:`mutual_information`, nothing caps it at log N, so informative dimensions stay
+    comparable across runs; summing it over j is not I(x; z) (the dimensions' information overlaps).
+    """
+    if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] < 1:
+        raise ValueError(f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (N, q), N >= 1")
+    mu, logvar = mu.detach().double(), logvar.detach().double()
+    aggregate = mu.var(0, unbiased=False) + logvar.exp().mean(0)
+    return 0.5 * (aggregate.log() - logvar.mean(0))
+
+
+def normalised_smoothness(smoothness: Tensor, mu: Tensor) -> Tensor:
+    """(q,) E_x||df/dz_j(mu)|| * std_x(mu_j): decoder smoothness made invariant to rescaling a latent.
+
+    Rescaling latent j by c (encoder mu_j -> c mu_j, decoder f(z) -> f(z with z_j / c)) divides df/dz_j by c
+    and multiplies std(mu_j) by c, so the product is unchanged: it is the decoder's output change across the
+    typical spread of the codes, comparable between runs whose latents have different scales. ``smoothness``:
+    :func:`decoder_smoothness` at the rows of ``mu`` (N, q); std with ddof 0 over those rows.
+    """
+    if mu.dim() != 2 or smoothness.shape != (mu.shape[1],):
+        raise ValueError(f"smoothness {tuple(smoothness.shape)} must be (q,) for mu (N, q) = {tuple(mu.shape)}")
+    return (smoothness.double().cpu() * mu.detach().double().cpu().std(0, unbiased=False)).float()
 
 
 def decoder_smoothness(
