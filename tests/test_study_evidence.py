@@ -197,3 +197,15 @@ def test_evidence_script_plans_the_three_studies(tmp_path):
     assert "latent_dim: 64" in proc.stdout
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
+
+
+def test_per_sample_neg_elbo_is_not_tabled_as_a_density_and_discrete_bits_pass_through(tmp_path):
+    summary = {"neg_elbo": -900.0, "neg_elbo_bpd": -1.5, "neg_elbo_ar": -850.0, "neg_elbo_is_density": False,
+               "neg_elbo_ar_bpd_discrete": 7.9}
+    values, reasons = S.run_values(tmp_path, {"summary": summary, "fid": {}, "protocol": {}}, "prior", False)
+    assert values["neg_elbo"] is None and values["neg_elbo_bpd"] is None and "no density" in reasons["neg_elbo"]
+    assert values["neg_elbo_ar"] == -850.0 and values["neg_elbo_ar_bpd_discrete"] == 7.9
+    values, reasons = S.run_values(tmp_path, {"summary": {**summary, "neg_elbo_is_density": True}}, "prior", False)
+    assert values["neg_elbo"] == -900.0 and "neg_elbo" not in reasons
+    opts = S.EvalOptions(dequantize=True)
+    assert "--dequantize" in opts.cli_args(["prior"]) and opts.evaluate_kwargs(["prior"])["dequantize"] is True

@@ -157,6 +157,7 @@ def evaluate_run(
     mi_examples: int | None = 10000,
     threshold: float = 0.01,
     sq_err: str = "auto",
+    dequantize: bool = False,
     seed: int = 0,
     device: str = "cpu",
     data_root: str | None = None,
@@ -174,6 +175,12 @@ def evaluate_run(
     ``feature_net`` default: mnist-features for 1x28x28 data, else inception; ``kid`` default: on when
     ``n_samples`` < 2048. ``sq_err``: how E_q||x - f(z)||^2 is computed for the -ELBO and the ar sigma2
     (auto: exact for a linear model, else one reparameterised sample per example).
+
+    Likelihoods on one footing: every sigma2 estimated from data (the ar-type policies' own rule, and the common
+    rule applied to every policy: the isotropic MLE) is fitted on the *validation* split and scored on the
+    evaluation split, never fitted on the data it scores (evaluating ``split="val"`` fits and scores the same
+    set, as the protocol says). ``dequantize`` (uint8 images): score x~ = (v + u - 1/2) / 255 with u ~ U[0, 1)^D
+    instead of v / 255; then -log P(v) <= E_u[-log p(x~)] + D log 255, reported as bits/dim (discrete).
     """
     import torch
 
@@ -194,7 +201,6 @@ def evaluate_run(
         importance_sampled_nll_dataset,
         linear_vae_exact_nll,
     )
-    from arelbo.objectives import DEFAULT_POLICY, make_policy
     from arelbo.runs import atomic_write_text, checkpoint_path, load_model
     from arelbo.samplers import decode_samples
 
@@ -225,7 +231,15 @@ def evaluate_run(
     if fit_examples is not None:
         train_data = train_data[:fit_examples]
     n_eval = int(eval_data.shape[0])
-    loader = make_loader(eval_data, batch_size, shuffle=False)
+    is_image = eval_data.dtype == torch.uint8
+    if dequantize and not is_image:
+        raise ValueError(f"dequantize needs uint8 images; the {splits.name} data are {eval_data.dtype}")
+    val_data = splits.val if max_examples is None else splits.val[:max_examples]
+    score_data, val_score = eval_data, val_data
+    if dequantize:  # float copies with uniform noise inside each pixel's 1/255 bin (FID keeps the uint8 data)
+        score_data = _dequantized(eval_data, _generator(seed, "dequantize"))
+        val_score = _dequantized(val_data, _generator(seed, "dequantize-val"))
+    loader = make_loader(score_data, batch_size, shuffle=False)
     timings["load"] = time.perf_counter() - t_start
 
     # ---- one pass: posteriors, squared errors, posterior-mean reconstruction error
@@ -246,6 +260,16 @@ def evaluate_run(
             mus.append(mu.float().cpu())
             logvars.append(logvar.float().cpu())
     mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
+    # the validation split: where every data-estimated sigma2 is fitted
+    if split == "val":
+        val_acc = acc
+    else:
+        val_acc = ELBOAccumulator(per_sample_floor=loss_fn.policy.floor)
+        gen_val = _generator(seed, "elbo-val")
+        with torch.inference_mode():
+            for x in iterate_batches(make_loader(val_score, batch_size, shuffle=False), device,
+                                     progress=progress and "eval: validation pass"):
+                val_acc.update(batch_sq_err(model, x, mode, gen_val), *model.encode(x))
     d = acc.num_elements
     q = int(mu_all.shape[1])
     timings["encode_pass"] = time.perf_counter() - t0
@@ -266,17 +290,29 @@ def evaluate_run(
     # ---- likelihood
     t0 = time.perf_counter()
     policy_name = loss_fn.policy.name
-    elbo_policy = acc.result(loss_fn)
-    elbo_ar = acc.result(make_policy(DEFAULT_POLICY, floor=loss_fn.policy.floor))
+    policy = loss_fn.policy
+    floor = policy.floor
+    fitted_on = "the evaluation split itself" if split == "val" else "the validation split"
+    held = policy.held_out_sigma2(val_acc)  # a data-estimated rule is fitted on the validation split
+    common = val_acc.ar_sigma2().clamp_min(floor)
+    if held.kind == "per-sample":  # each example of the scored split at its own MLE
+        elbo_policy = acc.result(loss_fn)
+    else:
+        source = (held.source if policy.sigma2_kind != "estimated"
+                  else f"{held.source.replace('eval-set ', '')}, fitted on {fitted_on}")
+        elbo_policy = acc.result(held.value, source=source)
+    elbo_ar = acc.result(common, source=f"common rule for every policy: isotropic MLE fitted on {fitted_on}")
     sigma2_diag = acc.ar_sigma2(diagonal=True)
-    value = loss_fn.policy.density_sigma2(acc).value
-    is_note = None
-    if not loss_fn.policy.is_density:
-        is_note = "per-sample sigma2 defines no single density: IS-NLL uses the eval-set isotropic MLE"
+    value = policy.density_sigma2(val_acc).value
+    is_density, is_note, density_note = policy.is_density, None, None
+    if not is_density:
+        density_note = (f"policy {policy_name}'s sigma2 defines no single density: this -ELBO is not a likelihood "
+                        f"bound; compare the common-rule -ELBO (neg_elbo_ar)")
+        is_note = f"policy {policy_name}'s sigma2 defines no single density: IS-NLL uses the validation isotropic MLE"
     n_is = n_eval if is_examples is None else min(n_eval, int(is_examples))
     is_res = None
     if n_is > 0:
-        is_loader = make_loader(eval_data[:n_is], max(1, min(batch_size, 100)), shuffle=False)
+        is_loader = make_loader(score_data[:n_is], max(1, min(batch_size, 100)), shuffle=False)
         is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), k, _generator(seed, "is-nll"),
                                                 progress=progress and f"eval: IS-NLL (K={k})")
     timings["is_nll"] = time.perf_counter() - t0
@@ -290,7 +326,6 @@ def evaluate_run(
                  "note": "closed-form -log N(x; b, W W^T + sigma2) at the sigma2 the IS-NLL uses"}
 
     # ---- samples and FID
-    is_image = eval_data.dtype == torch.uint8
     fid_fn, fid_unavailable = None, None
     if not fid:
         fid_unavailable = "disabled (--no-fid)"
@@ -367,7 +402,8 @@ def evaluate_run(
         "sigma2_ar_diagonal": {"mean": float(sigma2_diag.mean()), "min": float(sigma2_diag.min()),
                                "max": float(sigma2_diag.max()),
                                "geometric_mean": float(sigma2_diag.clamp_min(1e-30).log().mean().exp())},
-        "neg_elbo": elbo_policy.to_dict(),
+        "sigma2_val": float(val_acc.ar_sigma2()),
+        "neg_elbo": {**elbo_policy.to_dict(), "is_density": is_density, "note": density_note},
         "neg_elbo_ar": elbo_ar.to_dict(),
         "is_nll": None if is_res is None else {**is_res.to_dict(), "sigma2_kind": "isotropic" if value.dim() == 0 else "diagonal",
                                                  "sigma2_mean": float(value.mean()), "note": is_note},
@@ -394,8 +430,13 @@ def evaluate_run(
         "neg_elbo_ar_bpd": elbo_ar.bits_per_dim,
         "is_nll": None if is_res is None else is_res.nll,
         "is_nll_bpd": None if is_res is None else is_res.bits_per_dim,
+        "neg_elbo_is_density": is_density,
         "mse": likelihood["mse"],
     }
+    if dequantize:  # -log2 P(v) / D <= (E_u[-log p(x~)] + D log 255) / (D ln 2)
+        for key in ("neg_elbo", "neg_elbo_ar", "is_nll"):
+            nats = summary[key]
+            summary[f"{key}_bpd_discrete"] = None if nats is None else (nats + d * math.log(255.0)) / (d * math.log(2.0))
     for name, res in fid_results.items():
         summary[f"fid_{name}"] = res.get("fid")
     result = {
@@ -419,6 +460,11 @@ def evaluate_run(
                        "sample": "one reparameterised z ~ q(z|x) per example",
                        "mean": "z = mu (posterior mean)"}[mode],
             "sigma2": elbo_policy.sigma2_source,
+            "sigma2_fitted_on": "val" if split != "val" else "val (the evaluation split)",
+            "dequantize": {"on": bool(dequantize),
+                           "convention": "pixels stored as v/255, v in {0..255}; scored x~ = (v + u - 1/2)/255, "
+                                         "u ~ U[0,1)^D; bits/dim (discrete) = (nats + D ln 255) / (D ln 2), an "
+                                         "upper bound on -log2 P(v) / D" if dequantize else None},
             "active_threshold": threshold,
             "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
             "mi": {"num_examples": n_mi, "samples_per_example": 1,
@@ -444,6 +490,14 @@ def evaluate_run(
     if write:
         atomic_write_text(metrics_file(run_dir, which), json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
+
+
+def _dequantized(data, generator):
+    """uint8 images -> float (v + u - 1/2) / 255 with u ~ U[0, 1) drawn with ``generator``."""
+    import torch
+
+    u = torch.rand(data.shape, generator=generator, dtype=torch.float32)
+    return (data.to(torch.float32) + u - 0.5).div_(255.0)
 
 
 def _sampler_params(name: str) -> list[str]:
@@ -548,6 +602,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, default=0.01, help="active-unit threshold on Var(mu_j) (default 0.01)")
     parser.add_argument("--sq-err", default="auto", choices=("auto", "sample", "exact", "mean"),
                         help="how E_q||x - f(z)||^2 is computed for -ELBO and the ar sigma2 (default auto)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="score uniformly dequantised pixels (v + u - 1/2)/255 and report bits/dim (discrete)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available) (default cpu)")
     parser.add_argument("--data-root", default=None, help="override the dataset root recorded in the run's config")
@@ -590,6 +646,7 @@ def run(args) -> int:
         mi_examples=args.mi_examples,
         threshold=args.threshold,
         sq_err=args.sq_err,
+        dequantize=args.dequantize,
         seed=args.seed,
         device=args.device,
         data_root=args.data_root,

@@ -117,7 +117,7 @@ CURVE_KEYS = ("fid", "fid_gmm", "active_units", "kl_total", "neg_elbo_ar", "sigm
 def curve_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the metrics at each kept snapshot and at the end, per policy (rows = [] without any)."""
     labels = {c["key"]: c["label"] for c in results.get("columns", [])}
-    labels.update(neg_elbo_ar="-ELBO at the ar σ² (nats)", sigma2_final="σ²")
+    labels.update(neg_elbo_ar="-ELBO, common σ² (nats)", sigma2_final="σ²")
     keys = [k for k in CURVE_KEYS if k in labels and (k != "fid_gmm" or any(c["key"] == k for c in results["columns"]))]
     header = ["policy", "step"] + [labels[k] for k in keys]
     rows = []
@@ -435,10 +435,14 @@ def _intro(results: dict) -> list[tuple[str, str]]:
 NOTES = [
     "Values are mean ± std over seeds (sample std, ddof = 1; a single seed shows the value alone).",
     "Active units: latent j with Var_x(E_q[z_j]) > 0.01 on the evaluation split. KL: total KL(q(z|x) || p(z)) in nats.",
-    "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: σ² "
-    "estimated on the evaluation split); bits/dim of the continuous density of pixels in [0, 1], so it goes negative "
-    "for small σ² (lower is better). IS-NLL: importance-sampled at the same σ² (ar-per-sample: at the isotropic "
-    "evaluation-set σ², since a per-sample σ² defines no density, so its IS-NLL can exceed its -ELBO).",
+    "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: their "
+    "rule's σ² fitted on the validation split, never on the evaluation split; ar-per-sample: n/a, a per-sample σ² "
+    "defines no density); -ELBO, common σ²: every policy at the isotropic σ² fitted on the validation split (the same "
+    "rule for all). bits/dim of the continuous density of pixels in [0, 1], so it goes negative for small σ² (lower "
+    "is better). IS-NLL: importance-sampled at the run's σ² (ar-per-sample: the common σ²).",
+    "Decoder smoothness, scale-free: ‖∂f/∂z_j‖ times the spread std(μ_j) of latent j's codes, unchanged when a "
+    "latent is rescaled. Σ_j I(x; z_j): each latent's own mutual information with x (Gaussian form: exact for a "
+    "Gaussian aggregate posterior, else an upper bound; unlike I(x; z), not capped at log N).",
     "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
     "per-sample policies: the mean).",
     "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean.",

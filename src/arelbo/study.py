@@ -358,6 +358,7 @@ class EvalOptions:
     # Also evaluate every kept snapshot (checkpoints/step-<N>.pt from train.snapshot_steps) into
     # metrics-step-<N>.json, with the same request: metrics against training steps.
     snapshots: bool = True
+    dequantize: bool = False  # likelihoods of uniformly dequantised pixels, bits/dim (discrete) reported
 
     def samplers_for(self, headline: Iterable[str]) -> list[str]:
         names = ["prior", *headline] + (["gmm"] if self.gmm else [])
@@ -378,7 +379,7 @@ class EvalOptions:
                     samplers=list(samplers), sampler_options=self.sampler_options(samplers),
                     batch_size=self.batch_size, fid=self.fid, max_examples=self.max_examples,
                     is_examples=self.is_examples, smoothness_examples=self.smoothness_examples,
-                    mi_examples=self.mi_examples, seed=self.seed)
+                    mi_examples=self.mi_examples, seed=self.seed, dequantize=self.dequantize)
 
     def cli_args(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> list[str]:
         """The same request as ``arelbo eval`` arguments (for --jobs subprocesses)."""
@@ -391,6 +392,8 @@ class EvalOptions:
             args += ["--max-examples", str(self.max_examples)]
         if not self.fid:
             args.append("--no-fid")
+        if self.dequantize:
+            args.append("--dequantize")
         for name, opts in self.sampler_options(samplers).items():
             args += [item for k, v in opts.items() for item in ("--sampler-option", f"{name}.{k}={v}")]
         return args
@@ -657,6 +660,8 @@ def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file:
             return "FID " + ("skipped" if disabled else "computed") + " there, the study asks otherwise"
         if p.get("max_examples") != opts.max_examples or p.get("split") != opts.split:
             return "a different evaluation split or example cap"
+        if bool((p.get("dequantize") or {}).get("on")) != opts.dequantize:
+            return "dequantisation " + ("off" if opts.dequantize else "on") + " there, the study asks otherwise"
         if int(p["is_nll"]["k"]) != opts.k:
             return f"IS-NLL with K={p['is_nll']['k']}, the study asks for K={opts.k}"
         for name, wanted in opts.sampler_options(run.samplers).items():
@@ -990,6 +995,7 @@ COLUMNS = [
     ("kl_total", "KL", "nats", 3),
     ("mse", "MSE", "", 3),
     ("neg_elbo", "-ELBO", "nats", 4),
+    ("neg_elbo_ar", "-ELBO, common σ²", "nats", 4),
     ("neg_elbo_bpd", "-ELBO", "bits/dim", 4),
     ("is_nll", "IS-NLL", "nats", 4),
     ("is_nll_bpd", "IS-NLL", "bits/dim", 4),
@@ -1068,6 +1074,13 @@ def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int 
         "latent_dim": s.get("latent_dim"),
     }
     reasons = {}
+    if s.get("neg_elbo_is_density") is False:  # e.g. per-sample sigma2: a number, but no likelihood bound
+        values["neg_elbo"] = values["neg_elbo_bpd"] = None
+        reasons["neg_elbo"] = reasons["neg_elbo_bpd"] = ("per-sample σ² defines no density (each example at its own "
+                                                         "MLE): see the common-rule -ELBO")
+    for key in ("neg_elbo", "neg_elbo_ar", "is_nll"):
+        if s.get(f"{key}_bpd_discrete") is not None:
+            values[f"{key}_bpd_discrete"] = s[f"{key}_bpd_discrete"]
     values["fid"], why = _fid_of(metrics, sampler)
     if why:
         reasons["fid"] = why
@@ -1090,7 +1103,8 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
     aggregates at each kept snapshot and at the end, and ``paired`` the paired differences (same seed) of the
     ``reference`` policy (default ``ar`` when studied, else the first) against every other policy."""
     policies_out = []
-    keys = [c[0] for c in COLUMNS] + ["neg_elbo_ar", "neg_elbo_ar_bpd", "mutual_information"]
+    keys = [c[0] for c in COLUMNS] + ["neg_elbo_ar_bpd", "mutual_information",
+                                      "neg_elbo_bpd_discrete", "neg_elbo_ar_bpd_discrete", "is_nll_bpd_discrete"]
     for p in plan.policies:
         cells = []
         for seed in plan.seeds:
@@ -1118,7 +1132,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         done = [c for c in cells if c["status"] == "done"]
         agg = {k: aggregate_values([c["values"].get(k) for c in done]) for k in keys}
         notes = {}
-        for k in ("fid", "fid_gmm"):
+        for k in ("fid", "fid_gmm", "neg_elbo", "neg_elbo_bpd"):
             reasons = sorted({c["unavailable"][k] for c in done if k in c.get("unavailable", {})})
             if reasons and agg[k]["n"] == 0:
                 notes[k] = "; ".join(reasons)

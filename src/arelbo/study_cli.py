@@ -129,6 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--two-stage-mean", action="store_true",
                         help="two-stage sampler: the second VAE's decoder mean alone (Dai & Wipf), not exact samples")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (e.g. CelebA: no feature network here)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="likelihoods of uniformly dequantised pixels (v + u - 1/2)/255, with bits/dim (discrete)")
+    parser.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=None,
+                        help="also evaluate the kept snapshots (train.snapshot_steps) of every run (default: on)")
     parser.add_argument("--retry-failed", action="store_true", help="retry runs that failed in an earlier invocation")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and each run's state, do nothing")
     parser.add_argument("--report-only", action="store_true",
@@ -146,8 +150,8 @@ def _command(args: argparse.Namespace, kind: str) -> str:
         return "arelbo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     parts = ["arelbo", kind]
     for key, value in vars(args).items():
-        if key == "gmm" and value is False:  # the one negatable flag
-            parts.append("--no-gmm")
+        if key in ("gmm", "snapshots") and value is False:  # the negatable flags
+            parts.append(f"--no-{key}")
             continue
         if key.startswith("_") or key in ("command", "dry_run", "report_only") or value is None or value is False or value == []:
             continue
@@ -183,6 +187,10 @@ def build_plan(args: argparse.Namespace, kind: str | None = None):
         eval_options["two_stage_noise"] = False
     if args.no_fid:
         eval_options["fid"] = False
+    if args.dequantize:
+        eval_options["dequantize"] = True
+    if args.snapshots is not None:
+        eval_options["snapshots"] = args.snapshots
     eval_options["checkpoint"] = args.checkpoint
     return plan_study(policies, args.seeds, args.out, preset=preset, config_file=args.config,
                       overrides=args.overrides, scale="paper" if args.paper else "cpu", epochs=args.epochs,
