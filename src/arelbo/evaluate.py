@@ -9,12 +9,14 @@ Writes ``metrics.json`` into the run directory (atomically) and prints a table. 
 What is computed (one encoder pass over the evaluation split, under ``torch.inference_mode``):
 
 - collapse: active units (Var_x(mu_j) > threshold), the variance of each mu_j, KL per latent dimension and in
-  total, I(x; z) under the aggregate posterior of the first ``mi_examples`` examples (<= log N), decoder
-  smoothness E||df/dz_j|| at the posterior means of the first ``smoothness_examples`` (forward-mode jvp, the
-  only part outside inference mode);
+  total, I(x; z) under the aggregate posterior of the first ``mi_examples`` examples (<= log N) and I(x; z_j) per
+  dimension (Gaussian form, not capped), decoder smoothness E||df/dz_j|| at the posterior means of the first
+  ``smoothness_examples`` (forward-mode jvp, the only part outside inference mode) and its scale-free form
+  E||df/dz_j|| std(mu_j);
 - likelihood: the ``ar`` rule's sigma2 on the evaluation set (isotropic, and the diagonal one summarised), the
-  -ELBO in nats and bits/dim under the run's own policy (ar-type policies: sigma2 estimated on this set) and under
-  ``ar`` (the best isotropic sigma2, comparable across runs), the importance-sampled NLL with K samples on the
+  -ELBO in nats and bits/dim under the run's own policy (ar-type policies: their rule's sigma2 fitted on the
+  validation split) and under one common rule for all (``neg_elbo_ar``: the isotropic MLE fitted on the validation
+  split, comparable across runs), the importance-sampled NLL with K samples on the
   first ``is_examples`` examples at the run policy's sigma2, the posterior-mean reconstruction MSE, and for a
   linear model the exact NLL;
 - samples: each ex-post sampler (:mod:`arelbo.samplers`) is fitted on the training split (or reloaded from
