@@ -1,6 +1,5 @@
 """The fair learned sigma2 (own learning rate, MLE initialisation), the annealed AR-ELBO, and kept snapshots."""
 
-import math
 
 import pytest
 import torch

@@ -11,7 +11,7 @@ pytest.importorskip("lightning")
 from arelbo import stats  # noqa: E402
 from arelbo import study as S  # noqa: E402
 
-from test_study import TINY, TINY_EVAL, tiny_plan, tree_state  # noqa: E402
+from test_study import TINY, TINY_EVAL, tree_state  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

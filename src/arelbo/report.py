@@ -541,7 +541,7 @@ def render_html(results: dict, figures: list[Figure], grids: list[dict]) -> str:
               "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
     for row in rows:
         cells = []
-        for i, c in enumerate(row):
+        for c in row:
             cls = ' class="na"' if c.startswith("n/a") else ""
             cells.append(f"<td{cls}>{e(c)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
@@ -642,8 +642,8 @@ def plot_linear_active_units(curve: dict, path) -> Path:
             label="theory: #{l_j : 1 - σ²/l_j > 0.01}")
     ax.plot(curve["sigma2"], curve["trained_active"], "o", color=PALETTE[0], ms=6, mfc="none", mew=1.5,
             label="trained linear VAEs (fixed σ²)")
-    for j, l in enumerate(curve["eigenvalues"][: curve["latent_dim"]]):
-        ax.axvline(l, color="#999999", lw=0.8, ls=":", label="eigenvalues l_j (j ≤ q)" if j == 0 else None)
+    for j, lam in enumerate(curve["eigenvalues"][: curve["latent_dim"]]):
+        ax.axvline(lam, color="#999999", lw=0.8, ls=":", label="eigenvalues l_j (j ≤ q)" if j == 0 else None)
     ax.axvline(curve["ppca_sigma2"], color=PALETTE[2], ls="--", lw=1.4, label=f"pPCA σ² = {curve['ppca_sigma2']:.4g}")
     ax.plot([curve["ar_sigma2"]], [curve["ar_active"]], "*", color=PALETTE[3], ms=16,
             label=f"AR-ELBO: σ² = {curve['ar_sigma2']:.4g}, {curve['ar_active']} active")

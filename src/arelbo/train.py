@@ -512,7 +512,7 @@ def _strategy(t):
 
     if t.devices == 1:
         if t.strategy != "auto":
-            warnings.warn(f"train.strategy={t.strategy} ignored with train.devices=1")
+            warnings.warn(f"train.strategy={t.strategy} ignored with train.devices=1", stacklevel=2)
         return "auto"
     gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
     start = "popen" if t.strategy == "ddp" else "spawn"

@@ -145,7 +145,8 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
                 tmp.unlink(missing_ok=True)
     if cache_dir is not None:
         raise DatasetError(f"cannot write the image cache into cache_dir={cache_dir}; pass a writable directory")
-    warnings.warn(f"no writable cache directory among {[str(d) for d in dirs]}; images will be decoded again next time")
+    warnings.warn(f"no writable cache directory among {[str(d) for d in dirs]}; images will be decoded again next time",
+                  stacklevel=2)
     return arr, {"cache": None, "cache_hit": False}
 
 

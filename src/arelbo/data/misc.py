@@ -21,7 +21,7 @@ def _cifar_reader(root: Path):
     """A function batch name -> raw bytes, from the extracted folder or straight from the tar.gz."""
     for d in (root, root / CIFAR_DIR):
         if all((d / b).is_file() for b in CIFAR_BATCHES):
-            return lambda b: (d / b).read_bytes(), str(d)
+            return lambda b: (d / b).read_bytes(), str(d)  # noqa: B023 (returned at once)
     for tar in (root, root / CIFAR_TAR):
         if tar.is_file() and tar.name.endswith((".tar.gz", ".tgz")):
             with tarfile.open(tar, "r:gz") as tf:

@@ -1,0 +1,64 @@
+"""The package as installed: top-level exports, a light `arelbo --help`, extras named when missing, one version."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import arelbo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_top_level_exports_are_the_library_objects():
+    from arelbo.config import RunConfig
+    from arelbo.metrics import ELBOAccumulator
+    from arelbo.objectives import POLICIES, GaussianVAELoss, register_policy
+    from arelbo.runs import load_model
+
+    assert arelbo.GaussianVAELoss is GaussianVAELoss and arelbo.register_policy is register_policy
+    assert arelbo.POLICIES is POLICIES and arelbo.ELBOAccumulator is ELBOAccumulator
+    assert arelbo.RunConfig is RunConfig and arelbo.load_model is load_model
+    for name in arelbo.__all__:
+        assert getattr(arelbo, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        arelbo.nope  # noqa: B018
+    assert (ROOT / "src" / "arelbo" / "py.typed").is_file()
+
+
+def test_import_and_help_do_not_import_torch_or_any_command():
+    res = python("import sys, arelbo, arelbo.cli\n"
+                 "try:\n    arelbo.cli.main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+                 "print(code, sorted(m for m in sys.modules if m in ('torch', 'arelbo.train', 'arelbo.study',"
+                 " 'arelbo.evaluate', 'lightning', 'matplotlib')))")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "0 []"
+    assert "compare" in res.stdout and "train" in res.stdout  # every command is listed
+
+
+@pytest.mark.parametrize("module, extra, argv", [
+    ("lightning", "train", ["train", "--preset", "linear-gaussian", "--out", "{tmp}/run"]),
+    ("sklearn", "eval", ["linear", "--eigenvalues", "3,2,1", "--latent-dim", "1", "--fixed-sigma2", "1",
+                         "--mc-steps", "0", "--steps", "2", "--n", "50"]),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, module, extra, argv):
+    """A command that needs an extra that is not installed says which, exit code 2, no traceback."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    res = python(f"import sys; sys.modules[{module!r}] = None\n"  # as if it were not installed
+                 f"from arelbo.cli import main\nsys.exit(main({args!r}))")
+    assert res.returncode == 2, res.stderr
+    assert f"pip install 'arelbo[{extra}]'" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"arelbo {argv[0]}: error: this command needs")
+
+
+def test_the_version_is_written_once():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text and "\nversion =" not in text.split("[tool.setuptools.dynamic]")[0]
+    assert 'version = { attr = "arelbo.__version__" }' in text
+    res = python("import arelbo.cli; arelbo.cli.main(['--version'])")
+    assert res.stdout.strip() == f"arelbo {arelbo.__version__}"
