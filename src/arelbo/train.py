@@ -694,13 +694,19 @@ class _StepTimer(pl.Callback):
         self.t0: float | None = None
         self.seconds: float | None = None
 
+    @staticmethod
+    def _now(module) -> float:
+        if module.device.type == "cuda":  # count queued kernels in the steps that launched them
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if trainer.global_step == self.first:
-            self.t0 = time.perf_counter()
+            self.t0 = self._now(module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.first + self.n and self.t0 is not None:  # global_step already incremented
-            self.seconds = time.perf_counter() - self.t0
+            self.seconds = self._now(module) - self.t0
 
 
 def benchmark_steps(cfg: RunConfig, splits, steps: int, warmup: int = 5) -> float:
