@@ -302,6 +302,9 @@ class TrainConfig(_Section):
     strategy: str = "auto"  # auto (ddp_spawn when devices > 1) | ddp (script launch, e.g. torchrun) | ddp_spawn
     sync_batchnorm: bool = False  # devices > 1 on GPUs: batch-norm statistics over the global batch
     num_workers: int = 0  # DataLoader workers (the data are in memory: 0 is usually fastest)
+    data_on_device: Optional[bool] = None  # copy in-memory data to the accelerator once (None: on GPUs, if it fits)
+    channels_last: bool = False  # conv nets: channels-last memory format (often faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the encoder and decoder (pays a compile time at the start)
     log_every_n_steps: int = 50  # training-step records in metrics.jsonl and TensorBoard
     checkpoint_every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always at the end)
     save_best: bool = True  # keep checkpoints/best.pt, the lowest validation -ELBO

@@ -20,8 +20,13 @@ This is the only module of the package that imports a training framework. What i
   contiguous slice of every global batch and the slice of the global batch's noise, so together with the ``ar``
   policies' all-reduced sums, DDP training reproduces single-process training on the same global batch
   (up to float summation order; batch norm excepted, its statistics are per process).
-* **NaN/inf guard**: a non-finite loss raises :class:`NonFiniteLossError` naming the step and epoch before the
-  optimiser step, so ``last.pt`` stays the last good state.
+* **NaN/inf guard** without a host sync per step: every step records, on the device, the first non-finite loss;
+  the record is read on logging steps, before validation and before every checkpoint
+  (:meth:`VAEModule.check_finite`), which raises :class:`NonFiniteLossError` naming the step and epoch of the
+  first bad loss. So the stop may come a few steps late, but ``last.pt`` is always the last finite state.
+* **Speed**: in-memory data live on the accelerator (uint8, copied once; each batch is an index gather and a
+  conversion there), so no batch is copied from the host; memory-mapped datasets stream through the
+  DataLoader (workers, pinned memory). Optional ``train.channels_last`` and ``train.compile``.
 """
 
 from __future__ import annotations
@@ -113,13 +118,13 @@ class EpochSampler(Sampler[int]):
     def __iter__(self):
         if self.shuffle:
             g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
-            order = torch.randperm(self.n, generator=g)
+            order = torch.randperm(self.n, generator=g).tolist()  # host indices, read once per epoch
         else:
-            order = torch.arange(self.n)
+            order = range(self.n)
         start = 0
         for size in self._batch_sizes():
             local = size // self.world
-            yield from order[start + self.rank * local : start + (self.rank + 1) * local].tolist()
+            yield from order[start + self.rank * local : start + (self.rank + 1) * local]
             start += size
 
 
@@ -166,6 +171,11 @@ class VAEModule(pl.LightningModule):
         self._val_mu: Tensor | None = None
         self._val_eps: Tensor | None = None
         self._val_offset = 0
+        self._resident: dict[str, Tensor] = {}  # split -> its uint8 samples on the accelerator
+        self._bad_step: Tensor | None = None  # device: global step of the first non-finite loss since the last check
+        self._bad_loss: Tensor | None = None  # device: that loss
+        self._unchecked: dict[int, tuple[int, int]] = {}  # host: step -> (epoch, batch) since the last check
+        self.bar_values: dict[str, float] = {}  # last logged values, for the progress bar (host floats)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -180,12 +190,44 @@ class VAEModule(pl.LightningModule):
         if tuple(self.splits.shape) != self.data_shape:
             raise ValueError(f"data shape {tuple(self.splits.shape)} differs from the model's {self.data_shape}")
 
-    def _loader(self, data: Tensor, sampler: Sampler, batch_size: int) -> DataLoader:
-        from arelbo.data import ImageTensorDataset, collate_identity
+    def configure_model(self) -> None:
+        t = self.cfg.train
+        if t.channels_last and len(self.data_shape) == 3:
+            self.model.to(memory_format=torch.channels_last)
+        if t.compile and not getattr(self, "_compiled", False):
+            # compile the parts in place: parameter names (and so checkpoints) stay those of the plain model
+            for part in self.model.children():
+                part.compile()
+            self._compiled = True
 
-        workers = self.cfg.train.num_workers
+    def _on_device(self, data: Tensor) -> bool:
+        """Whether this split is copied to the accelerator once (see ``train.data_on_device``)."""
+        from arelbo.data import is_mapped
+
+        wanted = self.cfg.train.data_on_device
+        if wanted is not None:
+            return bool(wanted)
+        if self.device.type == "cpu" or is_mapped(data):
+            return False  # on the CPU the data already are where the model is; mapped data stream from disk
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return data.nelement() * data.element_size() <= free // 2
+        return True
+
+    def _loader(self, data: Tensor, sampler: Sampler, batch_size: int, split: str) -> DataLoader:
+        from arelbo.data import ImageTensorDataset, IndexDataset, collate_identity
+
+        if self._on_device(data):
+            # once: the uint8 samples go to the accelerator; the loader only yields the batch's indices (the same
+            # sampler, so the same order, resume and sharding), gathered and converted on the device
+            if split not in self._resident:
+                self._resident[split] = data.to(self.device)
+            dataset, workers = IndexDataset(len(data)), 0
+        else:
+            self._resident.pop(split, None)
+            dataset, workers = ImageTensorDataset(data), self.cfg.train.num_workers
         return DataLoader(
-            ImageTensorDataset(data),
+            dataset,
             batch_size=batch_size,
             sampler=sampler,
             collate_fn=collate_identity,
@@ -196,6 +238,16 @@ class VAEModule(pl.LightningModule):
             generator=torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, 1)),
         )
 
+    def _inputs(self, batch: Tensor, split: str) -> Tensor:
+        """The float batch: gathered from the resident samples when the loader yields indices."""
+        from arelbo.data import to_float
+
+        data = self._resident.get(split)
+        x = batch if data is None else to_float(data[batch])
+        if self.cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def train_dataloader(self) -> DataLoader:
         d, t = self.cfg.data, self.cfg.train
         world, rank = self.trainer.world_size, self.trainer.global_rank
@@ -205,13 +257,13 @@ class VAEModule(pl.LightningModule):
                 f"the training split has {len(self.splits.train)} samples, fewer than one batch of "
                 f"data.batch_size={d.batch_size}; lower the batch size or set data.drop_last=false"
             )
-        return self._loader(self.splits.train, sampler, d.batch_size // world)
+        return self._loader(self.splits.train, sampler, d.batch_size // world, "train")
 
     def val_dataloader(self) -> DataLoader:
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = ShardSampler(len(self.splits.val), rank, world)
         self._val_offset = sampler.lo
-        return self._loader(self.splits.val, sampler, self.cfg.data.eval_batch_size)
+        return self._loader(self.splits.val, sampler, self.cfg.data.eval_batch_size, "val")
 
     # ---- optimisation
 
@@ -254,14 +306,15 @@ class VAEModule(pl.LightningModule):
             dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
         return t
 
-    def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        x = self._inputs(batch, "train")
         mu, logvar = self.model.encode(x)
         z = mu + self._noise(mu) * (0.5 * logvar).exp()
         x_hat = self.model.decode(z)
         out = self.loss_fn(x, x_hat, mu, logvar)
-        step, epoch, world = self.global_step, self.current_epoch, self.trainer.world_size
-        log_now = step % self.cfg.train.log_every_n_steps == 0
-        if log_now:
+        step, world = self.global_step, self.trainer.world_size
+        self._record_finite(out.loss, batch_idx)  # no host sync: read at the next check
+        if step % self.cfg.train.log_every_n_steps == 0:
             values = torch.stack([
                 out.loss.detach().float(),
                 out.distortion.detach().float().mean() / out.num_elements,
@@ -269,31 +322,65 @@ class VAEModule(pl.LightningModule):
                 out.rate.detach().float().mean(),
                 out.sigma2_mean.float(),
                 out.neg_elbo.detach().float(),
-                (~torch.isfinite(out.loss.detach())).float(),
+                self._bad_flag(),
             ])
-            values = self._all_reduce(values)  # sums over processes (last entry: any non-finite)
-            bad = bool(values[-1] > 0)
-        else:
-            values = None
-            bad_t = (~torch.isfinite(out.loss.detach())).float().reshape(1)
-            bad = bool(self._all_reduce(bad_t)[0] > 0) if world > 1 else bool(bad_t[0] > 0)
-        if bad:
-            last = self.run_dir / runs.CHECKPOINT_DIR / "last.pt" if self.run_dir else None
-            where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
-            raise NonFiniteLossError(
-                f"non-finite loss ({out.loss.detach().item()}) at global step {step} (epoch {epoch}, batch "
-                f"{batch_idx}) with policy {self.cfg.objective.policy!r}: training stopped{where}"
-            )
-        if log_now:
-            v = (values[:-1] / world).tolist()
+            v = self._all_reduce(values).tolist()  # sums over processes (last entry: any non-finite); one sync
+            if v[-1] > 0:
+                self._raise_non_finite()
+            self._unchecked.clear()
             names = ("loss", "mse", "distortion", "rate", "sigma2", "neg_elbo")
-            record = dict(zip(names, v))
+            record = {name: value / world for name, value in zip(names, v)}
             record["bits_per_dim"] = record["neg_elbo"] / (out.num_elements * math.log(2.0))
             record["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
             self._write("train", record)
-        self.log("loss", out.loss.detach(), prog_bar=True, logger=False)
-        self.log("sigma2", out.sigma2_mean, prog_bar=True, logger=False)
+            self.bar_values = {"loss": record["loss"], "sigma2": record["sigma2"]}
         return out.loss
+
+    # ---- the NaN/inf guard
+
+    def _record_finite(self, loss: Tensor, batch_idx: int) -> None:
+        """Remember (on the device) the step of the first non-finite loss since the last check."""
+        loss = loss.detach().float()
+        if self._bad_step is None or self._bad_step.device != loss.device:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), device=loss.device)
+        new = ~torch.isfinite(loss) & (self._bad_step < 0)
+        self._bad_step = torch.where(new, self.global_step, self._bad_step)
+        self._bad_loss = torch.where(new, loss, self._bad_loss)
+        self._unchecked[int(self.global_step)] = (int(self.current_epoch), int(batch_idx))
+
+    def _bad_flag(self) -> Tensor:
+        if self._bad_step is None:
+            return torch.zeros((), device=self.device)
+        return (self._bad_step >= 0).float()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training loss since the last check was NaN or inf.
+
+        One host sync (and, with several processes, one all-reduce: every process must call it at the same
+        point). Called on logging steps, before validation and before every checkpoint is written, so a
+        checkpoint never holds the state a non-finite step produced."""
+        if not self._unchecked:
+            return
+        if float(self._all_reduce(self._bad_flag().reshape(1))[0]) > 0:
+            self._raise_non_finite()
+        self._unchecked.clear()
+
+    def _raise_non_finite(self) -> None:
+        step_t = torch.where(self._bad_step >= 0, self._bad_step, torch.iinfo(torch.long).max).reshape(1)
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            step_t = self._all_reduce(step_t, dist.ReduceOp.MIN)  # the first bad step over all processes
+        step = int(step_t[0])
+        epoch, batch_idx = self._unchecked.get(step, (self.current_epoch, -1))
+        local = int(self._bad_step) == step
+        value = f"{float(self._bad_loss)}" if local else "nan or inf"
+        last = self.run_dir / runs.CHECKPOINT_DIR / "last.pt" if self.run_dir else None
+        where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+        late = f", detected at step {self.global_step}" if self.global_step != step else ""
+        raise NonFiniteLossError(
+            f"non-finite loss ({value}) at global step {step} (epoch {epoch}, batch {batch_idx}) with policy "
+            f"{self.cfg.objective.policy!r}: training stopped{late}{where}"
+        )
 
     def _write(self, split: str, record: dict[str, Any]) -> None:
         """One record into metrics.jsonl and TensorBoard (process 0 only)."""
@@ -326,6 +413,7 @@ class VAEModule(pl.LightningModule):
             self._resume_rng = None
 
     def on_validation_epoch_start(self) -> None:
+        self.check_finite()  # never validate (or then checkpoint) a state a non-finite step produced
         from arelbo.metrics.likelihood import ELBOAccumulator
 
         q = self.model.latent_dim
@@ -336,7 +424,8 @@ class VAEModule(pl.LightningModule):
         g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, self.current_epoch, 2))
         self._val_eps = torch.randn(len(self.splits.val), q, generator=g).to(self.device)
 
-    def validation_step(self, x: Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x = self._inputs(batch, "val")
         mu, logvar = self.model.encode(x)
         start = self._val_offset + batch_idx * self.cfg.data.eval_batch_size
         eps = self._val_eps[start : start + x.shape[0]].to(mu.dtype)
@@ -450,6 +539,7 @@ class RunCheckpoint(Checkpoint):
         self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
 
     def _save(self, trainer: pl.Trainer, best: bool) -> None:
+        trainer.lightning_module.check_finite()  # only a finite state is ever written
         last = self.dir / "last.pt"
         trainer.save_checkpoint(last, weights_only=False)  # every process dumps; process 0 writes; then a barrier
         self._saved_step = trainer.global_step
@@ -482,6 +572,7 @@ class SnapshotCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step  # already counts this batch's optimiser step
         if step in self.steps:
+            module.check_finite()  # only a finite state is ever written
             trainer.save_checkpoint(self.dir / f"{runs.snapshot_name(step)}.pt", weights_only=False)
 
 
@@ -519,10 +610,32 @@ def _strategy(t):
     return DDPStrategy(start_method=start, process_group_backend="nccl" if gpu else "gloo")
 
 
+def _progress_bar():
+    """Lightning's bar showing the last logged loss and sigma2 (host floats): reading a device value on every step
+    would cost a host sync per step."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class ProgressBar(TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "bar_values", {})}
+
+    return ProgressBar()
+
+
+def _check_precision(t) -> None:
+    gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
+    if t.precision == "16-mixed" and not gpu:
+        raise ConfigError(
+            "train.precision=16-mixed (float16 with loss scaling) needs a CUDA GPU; on this device use "
+            "train.precision=bf16-mixed or 32"
+        )
+
+
 def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callbacks: Sequence = ()) -> pl.Trainer:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     t = cfg.train
+    _check_precision(t)
     accelerator = {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[t.accelerator]
     loggers = [TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)]
     return pl.Trainer(
@@ -543,7 +656,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callback
         enable_progress_bar=progress,
         enable_model_summary=progress,
         callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best),
-                   *([SnapshotCheckpoint(run_dir, t.snapshot_steps)] if t.snapshot_steps else []), *callbacks],
+                   *([SnapshotCheckpoint(run_dir, t.snapshot_steps)] if t.snapshot_steps else []),
+                   *([_progress_bar()] if progress else []), *callbacks],
         plugins=[RunCheckpointIO()],
         logger=loggers,
         default_root_dir=str(run_dir),
@@ -637,6 +751,7 @@ def fit(cfg: RunConfig, run_dir=None, *, splits=None, progress: bool = True, cal
     ``splits``: an already loaded :class:`arelbo.data.Splits` (else loaded from ``cfg.data``).
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run).
     """
+    _check_precision(cfg.train)  # before a run directory is made
     if _is_launched_child():
         run_dir = Path(os.environ[RUN_DIR_ENV])
         return _run(RunConfig.load(run_dir / "config.yaml"), run_dir, splits, None, progress, callbacks)

@@ -48,9 +48,10 @@ def read_partition(path: Path) -> dict[str, int]:
 
 @register("celeba")
 def celeba(root=None, crop=140, size=64, limit: int | None = None, cache_dir=None, partition_file=None,
-           workers: int | None = None) -> Splits:
+           workers: int | None = None, mmap: bool = False) -> Splits:
     """CelebA aligned images -> (N, 3, size, size) uint8.
 
+    mmap: memory-map the uint8 cache instead of loading it (bounded memory; see arelbo.data.mapped).
     partition_file: None = search for list_eval_partition.txt, a path = use it, False = 80/10/10 rule.
     limit: keep at most `limit` images, split in the 80/10/10 proportions (per official split if partitioned).
     """
@@ -78,7 +79,8 @@ def celeba(root=None, crop=140, size=64, limit: int | None = None, cache_dir=Non
         raise DatasetError(f"celeba: no images for split(s) {', '.join(empty)} in {img_dir} "
                            f"(partition: {part_path}); add images or pass partition_file=False for the 80/10/10 rule")
     selected = [f for g in groups for f in g]
-    arr, cache = load_images_cached(img_dir, selected, crop, size, 3, root, cache_dir, "celeba", workers)
+    arr, cache = load_images_cached(img_dir, selected, crop, size, 3, root, cache_dir, "celeba", workers, mmap)
     info = {"source": str(img_dir), "split": rule, "preprocessing": describe(crop, size, 3),
             "file_range": {s: [g[0], g[-1]] for s, g in zip(SPLIT_NAMES, groups)}, **cache}
-    return splits_from_array("celeba", np.ascontiguousarray(arr), tuple(len(g) for g in groups), info)
+    arr = arr if mmap else np.ascontiguousarray(arr)
+    return splits_from_array("celeba", arr, tuple(len(g) for g in groups), info)

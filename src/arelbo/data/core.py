@@ -1,8 +1,8 @@
 """The dataset contract shared by every loader: `Splits`, the registry, and the in-memory loader.
 
-Every dataset arelbo trains on fits in memory (MNIST, CelebA at 64x64, synthetic Gaussians), so the
-loaders return whole uint8 (or float32) tensors and batching is one tensor index per batch instead of
-one Python call per sample: that keeps the input pipeline off the profile of small VAEs.
+The loaders return whole uint8 (or float32) tensors and batching is one tensor index per batch instead of
+one Python call per sample: that keeps the input pipeline off the profile of small VAEs. A tensor may be
+memory-mapped from a cache file (`mapped`, option ``mmap`` of the image-folder datasets) for data larger than RAM.
 """
 
 from __future__ import annotations
@@ -151,20 +151,48 @@ class ImageTensorDataset(Dataset):
     def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None):
         if labels is not None and len(labels) != len(data):
             raise DatasetError(f"{len(data)} samples but {len(labels)} labels")
+        from .mapped import is_mapped
+
         self.data = data
         self.labels = labels
+        self.mapped = is_mapped(data)  # memory-mapped: drop the pages each batch touched once it is gathered
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def _gather(self, index) -> torch.Tensor:
+        x = to_float(self.data[index])
+        if self.mapped:
+            from .mapped import release
+
+            release(self.data)
+        return x
+
     def __getitem__(self, i):
-        x = to_float(self.data[i])
+        x = self._gather(i)
         return x if self.labels is None else (x, self.labels[i])
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices, dtype=torch.long)
-        x = to_float(self.data[idx])
+        x = self._gather(idx)
         return x if self.labels is None else (x, self.labels[idx])
+
+
+class IndexDataset(Dataset):
+    """Yields batches of sample indices (int64), for data that already live on the accelerator: the module gathers
+    the samples there, so only the indices cross from the host."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor(i, dtype=torch.long)
+
+    def __getitems__(self, indices):
+        return torch.as_tensor(indices, dtype=torch.long)
 
 
 def collate_identity(batch):

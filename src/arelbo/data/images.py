@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .core import SPLIT_RULE_801010, DatasetError, Splits, register, split_counts
+from .mapped import map_npy
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
 CACHE_VERSION = 1
@@ -80,7 +81,9 @@ def decode_images(folder: Path, relpaths: list[str], crop=None, size=None, chann
         if a.shape != arrays[0].shape:
             raise DatasetError(f"images differ in size: {relpaths[0]} is {arrays[0].shape[1:]} but {r} is {a.shape[1:]} "
                                "(HxW after crop); pass size=... (and/or crop=...) to make them equal")
-    return np.stack(arrays) if arrays else np.zeros((0, channels, 1, 1), np.uint8)
+    # contiguous (N, C, H, W): stacking the transposed decodes would keep their channels-last strides, and a
+    # freshly decoded dataset would then train with other float rounding than the same data read from the cache
+    return np.ascontiguousarray(np.stack(arrays)) if arrays else np.zeros((0, channels, 1, 1), np.uint8)
 
 
 def user_cache_dir() -> Path:
@@ -107,11 +110,41 @@ def cache_key(folder: Path, relpaths: list[str], crop, size, channels: int) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+STREAM_CHUNK_BYTES = 16 << 20  # decoded images held in memory at once while a memory-mapped cache is written
+
+
+def _write_npy_streaming(f, folder: Path, relpaths: list[str], crop, size, channels: int, workers) -> None:
+    """Decode the images chunk by chunk straight into an open .npy file: memory stays one chunk, not the dataset."""
+    first = decode_image(folder / relpaths[0], crop, size, channels)
+    np.lib.format.write_array_header_1_0(  # what np.save writes: the same bytes as an in-memory cache
+        f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+            "shape": (len(relpaths), *first.shape)})
+    per_chunk = max(1, STREAM_CHUNK_BYTES // first.nbytes)
+    buffer = np.empty((min(per_chunk, len(relpaths)), *first.shape), np.uint8)
+
+    def decode_into(i: int, relpath: str) -> None:
+        a = decode_image(folder / relpath, crop, size, channels)
+        if a.shape != first.shape:
+            raise DatasetError(f"images differ in size: {relpaths[0]} is {first.shape[1:]} but {relpath} is "
+                               f"{a.shape[1:]} (HxW after crop); pass size=... (and/or crop=...) to make them equal")
+        buffer[i] = a
+
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for start in range(0, len(relpaths), per_chunk):
+            chunk = relpaths[start:start + per_chunk]
+            list(pool.map(decode_into, range(len(chunk)), chunk))
+            f.write(buffer[: len(chunk)].data)
+
+
 def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, channels: int = 3,
                        root: Path | None = None, cache_dir=None, tag: str = "images",
-                       workers: int | None = None) -> tuple[np.ndarray, dict]:
+                       workers: int | None = None, mmap: bool = False) -> tuple[np.ndarray | torch.Tensor, dict]:
     """Decoded images, read from the .npy cache when present, else decoded and written to the first
-    writable cache directory. Returns (array, info) with the cache path and whether it was a hit."""
+    writable cache directory. Returns (array, info) with the cache path and whether it was a hit.
+
+    ``mmap``: return a tensor memory-mapped from the cache instead of reading it into memory (and write a new
+    cache chunk by chunk), so neither building nor training on a dataset bigger than RAM needs that much memory.
+    """
     fname = f"{tag}-{len(relpaths)}-{cache_key(folder, relpaths, crop, size, channels)}.npy"
     if cache_dir is not None:
         dirs = [Path(cache_dir).expanduser()]
@@ -120,11 +153,27 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
     for d in dirs:
         if (d / fname).is_file():
             try:
-                a = np.load(d / fname)
-                if a.dtype == np.uint8 and a.ndim == 4 and len(a) == len(relpaths):
-                    return a, {"cache": str(d / fname), "cache_hit": True}
+                a = map_npy(d / fname) if mmap else np.load(d / fname)
+                if a.dtype in (np.uint8, torch.uint8) and a.ndim == 4 and len(a) == len(relpaths):
+                    return a, {"cache": str(d / fname), "cache_hit": True, "mmap": bool(mmap)}
             except (OSError, ValueError):
                 pass  # a damaged cache is rebuilt below
+    if mmap:
+        for d in dirs:
+            if not writable_dir(d):
+                continue
+            d.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
+                tmp = Path(f.name)
+                try:
+                    _write_npy_streaming(f, folder, relpaths, crop, size, channels, workers)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            _publish(tmp, d / fname)
+            return map_npy(d / fname), {"cache": str(d / fname), "cache_hit": False, "mmap": True}
+        raise DatasetError(f"mmap=True needs a writable cache directory (tried {', '.join(str(d) for d in dirs)}); "
+                           "pass cache_dir=<a writable directory>")
     arr = decode_images(folder, relpaths, crop, size, channels, workers)
     for d in dirs:
         tmp = None
@@ -135,10 +184,7 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
             with tempfile.NamedTemporaryFile(dir=d, suffix=".tmp", delete=False) as f:
                 tmp = Path(f.name)
                 np.save(f, arr)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # NamedTemporaryFile makes 0600; the cache may be shared
-            os.replace(tmp, d / fname)
+            _publish(tmp, d / fname)
             return arr, {"cache": str(d / fname), "cache_hit": False}
         except OSError:
             if tmp is not None:
@@ -150,6 +196,14 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
     return arr, {"cache": None, "cache_hit": False}
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temporary cache file its name atomically, with umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # NamedTemporaryFile makes 0600; the cache may be shared
+    os.replace(tmp, path)
+
+
 def describe(crop, size, channels: int) -> str:
     crop, size = _pair(crop, "crop"), _pair(size, "size")
     return (f"{'RGB' if channels == 3 else 'grayscale'}"
@@ -158,19 +212,20 @@ def describe(crop, size, channels: int) -> str:
             + ", uint8")
 
 
-def splits_from_array(name: str, arr: np.ndarray, counts: tuple[int, int, int], info: dict) -> Splits:
-    """Consecutive blocks of `arr` of sizes `counts` -> Splits (arr is ordered train, val, test)."""
-    t = torch.from_numpy(arr)
+def splits_from_array(name: str, arr: np.ndarray | torch.Tensor, counts: tuple[int, int, int], info: dict) -> Splits:
+    """Consecutive blocks of `arr` of sizes `counts` -> Splits (arr is ordered train, val, test; views, no copy)."""
+    t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(arr)
     a, b = counts[0], counts[0] + counts[1]
     return Splits(name=name, train=t[:a], val=t[a:b], test=t[b:], info=info)
 
 
 @register("folder")
 def folder(root=None, size=None, channels: int = 3, crop=None, limit: int | None = None, cache_dir=None,
-           recursive: bool = True, workers: int | None = None) -> Splits:
+           recursive: bool = True, workers: int | None = None, mmap: bool = False) -> Splits:
     """Any folder of png/jpg/jpeg/bmp images (recursive, sorted), split 80/10/10 in sorted order.
 
     `size` (int or (h, w)) resizes; without it all images (after the optional centre `crop`) must match.
+    `mmap`: memory-map the uint8 cache instead of loading it (datasets larger than RAM).
     """
     if root is None or not Path(root).is_dir():
         raise DatasetError(f"folder dataset needs root=<a directory of images>, got {root}")
@@ -182,7 +237,7 @@ def folder(root=None, size=None, channels: int = 3, crop=None, limit: int | None
         raise DatasetError(f"found {len(files)} images ({', '.join(sorted(IMAGE_EXTS))}) under {root}; "
                            "need at least 3 (one per split)")
     size = _pair(size, "size") or _pair(crop, "crop")
-    arr, cache = load_images_cached(root, files, crop, size, channels, root, cache_dir, "folder", workers)
+    arr, cache = load_images_cached(root, files, crop, size, channels, root, cache_dir, "folder", workers, mmap)
     info = {"source": str(root), "n_files": len(files), "split": SPLIT_RULE_801010,
             "preprocessing": describe(crop, size, channels),
             **cache}
