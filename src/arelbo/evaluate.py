@@ -117,7 +117,7 @@ def resolve_device(device: str) -> str:
 
 
 def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress,
-                         which="best"):
+                         which="best", val_loader=None):
     from arelbo.samplers import load_sampler, make_sampler, save_sampler
 
     path = sampler_file(run_dir, name, which)
@@ -130,7 +130,8 @@ def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write
             pass  # unreadable or stale: refit
     sampler = make_sampler(name, **options)
     t0 = time.perf_counter()
-    sampler.fit(model, train_loader, max_examples=fit_examples, progress=progress and f"{name}: fitting")
+    sampler.fit(model, train_loader, max_examples=fit_examples, progress=progress and f"{name}: fitting",
+                val_loader=val_loader)
     seconds = time.perf_counter() - t0
     info = {"source": "fitted", "fit_seconds": round(seconds, 3)}
     if write:
@@ -161,6 +162,8 @@ def evaluate_run(
     sq_err: str = "auto",
     dequantize: bool = False,
     seed: int = 0,
+    fid_repeats: int = 1,
+    fid_reconstruction: bool = True,
     device: str = "cpu",
     data_root: str | None = None,
     refit_samplers: bool = False,
@@ -183,6 +186,12 @@ def evaluate_run(
     evaluation split, never fitted on the data it scores (evaluating ``split="val"`` fits and scores the same
     set, as the protocol says). ``dequantize`` (uint8 images): score x~ = (v + u - 1/2) / 255 with u ~ U[0, 1)^D
     instead of v / 255; then -log P(v) <= E_u[-log p(x~)] + D log 255, reported as bits/dim (discrete).
+
+    Samplers are fitted on the training split; those that choose something (the GMM's component count from a
+    grid, the two-stage sampler's stopping step) judge it on the validation split. ``fid_repeats`` > 1: every
+    sampler's FID is measured again on that many independent sample draws (mean and std recorded beside the
+    first draw's value: the sampling spread). ``fid_reconstruction``: also the FID of the evaluation images'
+    reconstructions f(mu(x)), the floor no sampler of this decoder is expected to beat.
     """
     import torch
 
@@ -209,8 +218,8 @@ def evaluate_run(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     run_dir = Path(run_dir)
-    if k < 1 or n_samples < 0 or batch_size < 1:
-        raise ValueError("need k >= 1, n_samples >= 0, batch_size >= 1")
+    if k < 1 or n_samples < 0 or batch_size < 1 or fid_repeats < 1:
+        raise ValueError("need k >= 1, n_samples >= 0, batch_size >= 1, fid_repeats >= 1")
     sampler_names = _parse_samplers(samplers)
     sampler_options = dict(sampler_options or {})
     bad = sorted(set(sampler_options) - set(sampler_names))
@@ -351,6 +360,7 @@ def evaluate_run(
     use_kid = (n_samples < 2048) if kid is None else bool(kid)
     reference_name = f"{splits.name}:{split}" + (f"[:{n_eval}]" if max_examples is not None else "")
     train_loader = make_loader(train_data, batch_size, shuffle=False) if sampler_names else None
+    sampler_val_loader = make_loader(val_data, batch_size, shuffle=False) if sampler_names else None
     ckpt_hash = sha256_file(ckpt_file) if sampler_names else None  # a saved sampler fit is reused only for this file
     sampler_results: dict[str, Any] = {}
     fid_results: dict[str, Any] = {}
@@ -360,9 +370,10 @@ def evaluate_run(
         if "seed" in _sampler_params(name) and "seed" not in options:
             options["seed"] = int(seed)
         key = {"checkpoint": ckpt_file.name, "checkpoint_sha256": ckpt_hash, "options": _clean(options),
-               "fit_split": "train", "fit_examples": int(train_data.shape[0])}
+               "fit_split": "train", "fit_examples": int(train_data.shape[0]), "held_out_split": "val",
+               "held_out_examples": int(val_data.shape[0])}
         sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write,
-                                             refit_samplers, None, progress, which)
+                                             refit_samplers, None, progress, which, sampler_val_loader)
         info.update({"config": _clean(sampler.config()), "fit_info": _clean(sampler.fit_info),
                      "fit_examples": int(train_data.shape[0]), "n_samples": int(n_samples)})
         sampler_results[name] = info
@@ -377,9 +388,27 @@ def evaluate_run(
         try:
             fid_results[name] = _clean(fid_fn(images, eval_data, feature_net=net, seed=int(seed), kid=use_kid,
                                               reference_name=reference_name, progress=progress))
+            if fid_repeats > 1:  # the sampling spread: the same sampler, independent draws
+                fids = [fid_results[name]["fid"]]
+                for r in range(1, fid_repeats):
+                    more = decode_samples(model, sampler, n_samples, _generator(seed, f"samples:{name}:draw{r}"),
+                                          batch_size, as_uint8=is_image)
+                    fids.append(float(fid_fn(more, eval_data, feature_net=net, seed=int(seed), kid=False,
+                                             reference_name=reference_name)["fid"]))
+                fid_results[name]["sample_draws"] = _spread(fids)
         except Exception as err:  # a missing feature network must not lose the other metrics
             fid_results[name] = {"error": f"{type(err).__name__}: {err}", "feature_net": net}
         timings[f"sampler:{name}"] = time.perf_counter() - t0
+    fid_recon = None
+    if fid_reconstruction and fid_fn is not None and is_image and n_samples > 0:
+        t0 = time.perf_counter()
+        try:  # the evaluation images' reconstructions f(mu(x)): the floor for any sampler of this decoder
+            recon = _decode_codes(model, mu_all, batch_size)
+            fid_recon = _clean(fid_fn(recon, eval_data, feature_net=net, seed=int(seed), kid=use_kid,
+                                      reference_name=reference_name))
+        except Exception as err:
+            fid_recon = {"error": f"{type(err).__name__}: {err}", "feature_net": net}
+        timings["fid_reconstruction"] = time.perf_counter() - t0
 
     timings["total"] = time.perf_counter() - t_start
     collapse = {
@@ -441,6 +470,9 @@ def evaluate_run(
             summary[f"{key}_bpd_discrete"] = None if nats is None else (nats + d * math.log(255.0)) / (d * math.log(2.0))
     for name, res in fid_results.items():
         summary[f"fid_{name}"] = res.get("fid")
+        if res.get("sample_draws"):
+            summary[f"fid_{name}_draws_std"] = res["sample_draws"]["std"]
+    summary["fid_reconstruction"] = None if fid_recon is None else fid_recon.get("fid")
     result = {
         "format": METRICS_FORMAT,
         "arelbo_version": __version__,
@@ -478,7 +510,8 @@ def evaluate_run(
             "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": float(value.mean())},
             "samplers": sampler_results,
             "fid": {"feature_net": net, "reference": reference_name, "kid": use_kid,
-                    "n_samples": n_samples, "skipped": fid_unavailable},
+                    "n_samples": n_samples, "skipped": fid_unavailable, "repeats": int(fid_repeats),
+                    "reconstruction": bool(fid_reconstruction)},
             "environment": {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads()},
         },
@@ -486,12 +519,35 @@ def evaluate_run(
         "collapse": collapse,
         "likelihood": likelihood,
         "fid": fid_results,
+        "fid_reconstruction": fid_recon,
         "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
     }
     result = _clean(result)
     if write:
         atomic_write_text(metrics_file(run_dir, which), json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
+
+
+def _spread(values) -> dict:
+    vals = [float(v) for v in values]
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"fids": vals, "mean": mean, "std": std, "n": len(vals)}
+
+
+def _decode_codes(model, codes, batch_size: int):
+    """uint8 decoder means f(z) of codes (N, q), in batches on the model's device."""
+    import torch
+
+    from arelbo.samplers import to_uint8
+
+    ref = next(model.parameters())
+    out = []
+    with torch.inference_mode():
+        for start in range(0, codes.shape[0], batch_size):
+            z = codes[start : start + batch_size].to(device=ref.device, dtype=ref.dtype)
+            out.append(to_uint8(model.decode(z).float().cpu()))
+    return torch.cat(out)
 
 
 def _dequantized(data, generator):
@@ -604,6 +660,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, default=0.01, help="active-unit threshold on Var(mu_j) (default 0.01)")
     parser.add_argument("--sq-err", default="auto", choices=("auto", "sample", "exact", "mean"),
                         help="how E_q||x - f(z)||^2 is computed for -ELBO and the ar sigma2 (default auto)")
+    parser.add_argument("--fid-repeats", type=int, default=1, metavar="N",
+                        help="FID of each sampler on N independent sample draws (mean/std: the sampling spread)")
+    parser.add_argument("--no-fid-reconstruction", action="store_true",
+                        help="skip the FID of the evaluation images' reconstructions (the floor for samplers)")
     parser.add_argument("--dequantize", action="store_true",
                         help="score uniformly dequantised pixels (v + u - 1/2)/255 and report bits/dim (discrete)")
     parser.add_argument("--seed", type=int, default=0)
@@ -649,6 +709,8 @@ def run(args) -> int:
         threshold=args.threshold,
         sq_err=args.sq_err,
         dequantize=args.dequantize,
+        fid_repeats=args.fid_repeats,
+        fid_reconstruction=not args.no_fid_reconstruction,
         seed=args.seed,
         device=args.device,
         data_root=args.data_root,

@@ -23,6 +23,7 @@ Adding a sampler: subclass :class:`LatentSampler`, implement ``_fit``/``sample``
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Sequence
@@ -64,11 +65,19 @@ class LatentSampler:
     def __init__(self):
         self.latent_dim: int | None = None
         self.fit_info: dict[str, Any] = {}
+        self.val_loader: Iterable | None = None
 
     # -- interface
-    def fit(self, model, loader: Iterable, max_examples: int | None = None, progress: bool | str = False) -> "LatentSampler":
+    def fit(self, model, loader: Iterable, max_examples: int | None = None, progress: bool | str = False,
+            val_loader: Iterable | None = None) -> "LatentSampler":
+        """Fit on the training data ``loader``; ``val_loader`` (held-out data, optional) is where samplers that
+        choose something (a component count, when to stop) judge it (``self.val_loader`` in ``_fit``)."""
         self.latent_dim = int(model.latent_dim)
-        self._fit(model, loader, max_examples, progress)
+        self.val_loader = val_loader
+        try:
+            self._fit(model, loader, max_examples, progress)
+        finally:
+            self.val_loader = None
         return self
 
     def _fit(self, model, loader, max_examples, progress) -> None:
@@ -135,12 +144,16 @@ class GMMSampler(LatentSampler):
     name = "gmm"
 
     def __init__(self, n_components: int = 10, seed: int = 0, reg_covar: float = 1e-6, max_iter: int = 200,
-                 n_init: int = 1):
+                 n_init: int = 1, components_grid: Sequence[int] | None = None):
         super().__init__()
         if n_components < 1:
             raise ValueError(f"n_components must be >= 1, got {n_components}")
+        if components_grid is not None and (not components_grid or min(int(k) for k in components_grid) < 1):
+            raise ValueError(f"components_grid must be component counts >= 1, got {components_grid!r}")
         self.n_components, self.seed, self.reg_covar = int(n_components), int(seed), float(reg_covar)
         self.max_iter, self.n_init = int(max_iter), int(n_init)
+        # choose n_components from this grid by the mean log-likelihood of held-out codes (None: n_components)
+        self.components_grid = None if components_grid is None else sorted({int(k) for k in components_grid})
         self.weights: Tensor | None = None  # (K,)
         self.means: Tensor | None = None  # (K, q)
         self.covariances: Tensor | None = None  # (K, q, q)
@@ -149,16 +162,59 @@ class GMMSampler(LatentSampler):
         from arelbo.metrics.collapse import encode_dataset
 
         mu, _ = encode_dataset(model, loader, max_examples, progress and "gmm: encoding")
-        self.fit_means(mu)
+        val = None
+        if self.components_grid is not None and self.val_loader is not None:
+            val, _ = encode_dataset(model, self.val_loader, None, progress and "gmm: encoding held-out data")
+        self.fit_means(mu, val)
 
-    def fit_means(self, codes: Tensor) -> "GMMSampler":
-        """Fit the mixture to codes (N, q) directly (what :meth:`fit` does with the posterior means)."""
+    def fit_means(self, codes: Tensor, val_codes: Tensor | None = None) -> "GMMSampler":
+        """Fit the mixture to codes (N, q) directly (what :meth:`fit` does with the posterior means).
+
+        With ``components_grid``, one mixture per count is fitted on ``codes`` and the one with the highest mean
+        log-likelihood of ``val_codes`` kept (no ``val_codes``: the last 10% of ``codes`` are held out for the
+        choice and the chosen count is refitted on all of them); every score is kept in ``fit_info``."""
+        codes = codes.detach().double().cpu()
+        if self.components_grid is None:
+            return self._fit_k(codes, self.n_components)
+        if val_codes is None:
+            cut = codes.shape[0] - max(1, codes.shape[0] // 10)
+            fit_on, held, held_name = codes[:cut], codes[cut:], "last 10% of the training codes"
+        else:
+            fit_on, held, held_name = codes, val_codes.detach().double().cpu(), "held-out codes"
+        scores = {}
+        for k in self.components_grid:
+            if k > fit_on.shape[0]:
+                continue
+            self._fit_k(fit_on, k)
+            scores[k] = self._score(held)
+        if not scores:
+            raise ValueError(f"need more codes than the smallest component count {self.components_grid[0]}")
+        best = max(scores, key=lambda k: (scores[k], -k))
+        if val_codes is None:
+            self._fit_k(codes, best)
+        else:
+            self._fit_k(fit_on, best)
+        self.n_components = best  # config() then rebuilds the chosen mixture
+        self.fit_info.update(selection={"chosen": best, "held_out": held_name, "num_held_out": int(held.shape[0]),
+                                        "mean_log_likelihood": {str(k): v for k, v in scores.items()}})
+        return self
+
+    def _score(self, codes: Tensor) -> float:
+        """Mean log-likelihood of codes (N, q) under the fitted mixture (float64, in torch)."""
+        chol = torch.linalg.cholesky(self.covariances)
+        diff = codes[:, None, :] - self.means[None]  # (N, K, q)
+        sol = torch.linalg.solve_triangular(chol[None], diff.unsqueeze(-1), upper=False).squeeze(-1)
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        q = codes.shape[1]
+        log_comp = -0.5 * (sol.pow(2).sum(-1) + logdet + q * math.log(2 * math.pi)) + torch.log(self.weights)
+        return float(torch.logsumexp(log_comp, dim=1).mean())
+
+    def _fit_k(self, codes: Tensor, k: int) -> "GMMSampler":
         from sklearn.mixture import GaussianMixture
 
-        codes = codes.detach().double().cpu()
-        if codes.dim() != 2 or codes.shape[0] < self.n_components:
-            raise ValueError(f"need (N, q) codes with N >= n_components = {self.n_components}, got {tuple(codes.shape)}")
-        gmm = GaussianMixture(self.n_components, covariance_type="full", reg_covar=self.reg_covar,
+        if codes.dim() != 2 or codes.shape[0] < k:
+            raise ValueError(f"need (N, q) codes with N >= n_components = {k}, got {tuple(codes.shape)}")
+        gmm = GaussianMixture(k, covariance_type="full", reg_covar=self.reg_covar,
                               max_iter=self.max_iter, n_init=self.n_init, random_state=self.seed)
         # One BLAS/OpenMP thread: EM on (N, q) codes is small work, and numpy's BLAS threads competing with
         # torch's OpenMP pool made it ~10x slower on 2 shared cores (measured: 107 s -> 12 s, MNIST codes).
@@ -170,8 +226,8 @@ class GMMSampler(LatentSampler):
         self.covariances = torch.as_tensor(gmm.covariances_, dtype=torch.float64)
         with _single_threaded_blas():
             score = float(gmm.score(codes.numpy()))
-        self.fit_info = {"num_codes": int(codes.shape[0]), "converged": bool(gmm.converged_), "n_iter": int(gmm.n_iter_),
-                         "mean_log_likelihood": score}
+        self.fit_info = {"num_codes": int(codes.shape[0]), "n_components": int(k), "converged": bool(gmm.converged_),
+                         "n_iter": int(gmm.n_iter_), "mean_log_likelihood": score}
         return self
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -228,6 +284,10 @@ class TwoStageSampler(LatentSampler):
             against 178 with the noise; docs/results/mnist.md). sigma2 (stored after fitting, in ``fit_info``):
             the learned/fixed value, or the ar-type MLE on the training codes.
         seed: seeds initialisation, batches and noise (the global RNG is left untouched).
+        patience: early stopping. Every ``eval_every`` steps the second stage's -ELBO on held-out codes (the
+            ``val_loader`` given to :meth:`fit`, else the last 10% of the training codes, which are then not
+            trained on) is measured with fixed noise; training stops once it has not improved for ``patience``
+            evaluations (or at ``steps``), and the weights of the best evaluation are kept. None: all ``steps``.
     """
 
     name = "two-stage"
@@ -237,7 +297,7 @@ class TwoStageSampler(LatentSampler):
 
     def __init__(self, steps: int = 2000, batch_size: int = 256, lr: float = 1e-3,
                  hidden: Sequence[int] = (256, 256), policy: str = "ar", codes: str = "sample", noise: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, patience: int | None = None, eval_every: int = 200):
         super().__init__()
         from arelbo.objectives import POLICIES
 
@@ -250,6 +310,9 @@ class TwoStageSampler(LatentSampler):
         self.steps, self.batch_size, self.lr = int(steps), int(batch_size), float(lr)
         self.hidden, self.policy, self.codes, self.seed = [int(h) for h in hidden], policy, codes, int(seed)
         self.noise = bool(noise)
+        if patience is not None and int(patience) < 1 or int(eval_every) < 1:
+            raise ValueError(f"need patience >= 1 (or None) and eval_every >= 1, got {patience}, {eval_every}")
+        self.patience, self.eval_every = None if patience is None else int(patience), int(eval_every)
         self.vae = None
         self.loss_fn = None
         self.sigma2: Tensor | None = None  # () or (q,): the second stage's decoder variance after fitting
@@ -269,14 +332,28 @@ class TwoStageSampler(LatentSampler):
         from arelbo.metrics.collapse import encode_dataset
 
         mu, logvar = encode_dataset(model, loader, max_examples, progress and "two-stage: encoding")
-        self.fit_codes(mu, logvar, progress=progress)
+        val = None
+        if self.patience is not None and self.val_loader is not None:
+            val = encode_dataset(model, self.val_loader, None, progress and "two-stage: encoding held-out data")
+        self.fit_codes(mu, logvar, progress=progress, val=val)
 
-    def fit_codes(self, mu: Tensor, logvar: Tensor | None = None, progress: bool | str = False) -> "TwoStageSampler":
-        """Train the second stage on first-stage posteriors (N, q) directly (``logvar`` needed for codes='sample')."""
+    def fit_codes(self, mu: Tensor, logvar: Tensor | None = None, progress: bool | str = False,
+                  val: tuple[Tensor, Tensor] | None = None) -> "TwoStageSampler":
+        """Train the second stage on first-stage posteriors (N, q) directly (``logvar`` needed for codes='sample');
+        ``val``: held-out (mu, logvar) for early stopping (with ``patience``)."""
         mu = mu.detach().float().cpu()
+        if self.codes == "sample" and logvar is None:
+            raise ValueError("codes='sample' needs the posterior log-variances")
+        held_name = None
+        if self.patience is not None:
+            if val is None:  # hold out the last 10% of the training codes
+                cut = mu.shape[0] - max(1, mu.shape[0] // 10)
+                val = (mu[cut:], None if logvar is None else logvar[cut:])
+                mu, logvar = mu[:cut], None if logvar is None else logvar[:cut]
+                held_name = "last 10% of the training codes"
+            else:
+                held_name = "held-out codes"
         if self.codes == "sample":
-            if logvar is None:
-                raise ValueError("codes='sample' needs the posterior log-variances")
             std = (0.5 * logvar.detach().float().cpu()).exp()
         n, q = mu.shape
         self.latent_dim = q
@@ -294,6 +371,8 @@ class TwoStageSampler(LatentSampler):
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=self.steps, desc="two-stage: training", leave=False)
+            stopper = None if self.patience is None else _EarlyStopping(self, val, self.seed)
+            steps_run = 0
             with torch.enable_grad():
                 for step in range(self.steps):
                     idx = torch.randint(0, n, (min(self.batch_size, n),), generator=gen)
@@ -306,17 +385,28 @@ class TwoStageSampler(LatentSampler):
                     loss.loss.backward()
                     opt.step()
                     sched.step()
-                    if step >= self.steps - 100:
-                        losses.append(float(loss.neg_elbo))
+                    losses.append(float(loss.neg_elbo))
+                    del losses[:-100]
+                    steps_run = step + 1
                     if bar is not None:
                         bar.update(1)
+                    if stopper is not None and steps_run % self.eval_every == 0 and stopper.check(steps_run):
+                        break
             if bar is not None:
                 bar.close()
+            if stopper is not None:
+                stopper.check(steps_run)  # the final weights compete too
+                stopper.restore()
             self.vae.eval()
             self.sigma2 = self._final_sigma2(mu, std if self.codes == "sample" else None, gen)
-        self.fit_info = {"num_codes": int(n), "steps": self.steps,
+        self.fit_info = {"num_codes": int(n), "steps": self.steps, "steps_run": steps_run,
                          "final_neg_elbo": float(sum(losses) / len(losses)) if losses else None,
                          "sigma2_mean": float(self.sigma2.mean())}
+        if stopper is not None:
+            self.fit_info["early_stopping"] = {"held_out": held_name, "num_held_out": int(val[0].shape[0]),
+                                               "patience": self.patience, "eval_every": self.eval_every,
+                                               "best_step": stopper.best_step, "stopped_early": steps_run < self.steps,
+                                               "val_neg_elbo": stopper.history}
         return self
 
     def _final_sigma2(self, mu: Tensor, std: Tensor | None, gen: torch.Generator) -> Tensor:
@@ -356,6 +446,51 @@ class TwoStageSampler(LatentSampler):
             self.loss_fn.load_state_dict(state.get("loss") or {})
             self.vae.eval()
         self.sigma2 = state.get("sigma2")
+
+
+class _EarlyStopping:
+    """The two-stage sampler's held-out -ELBO every few steps (fixed noise), the best weights, and when to stop."""
+
+    def __init__(self, sampler: TwoStageSampler, val: tuple[Tensor, Tensor | None], seed: int):
+        self.sampler = sampler
+        mu, logvar = val[0].detach().float().cpu(), val[1]
+        gen = torch.Generator().manual_seed(seed + 1)
+        if sampler.codes == "sample":
+            mu = mu + (0.5 * logvar.detach().float().cpu()).exp() * torch.randn(mu.shape, generator=gen)
+        self.codes = mu
+        self.eps = torch.randn(mu.shape, generator=gen)  # the second stage's noise, the same at every check
+        self.best: float | None = None
+        self.best_step = 0
+        self.best_state = None
+        self.bad = 0
+        self.history: list[list[float]] = []
+
+    def check(self, step: int) -> bool:
+        """Measure at ``step``; True when training should stop (no improvement for ``patience`` checks)."""
+        if self.history and self.history[-1][0] == step:
+            return False
+        vae, loss_fn = self.sampler.vae, self.sampler.loss_fn
+        vae.eval()
+        loss_fn.eval()
+        with torch.inference_mode():
+            m, lv = vae.encode(self.codes)
+            out = loss_fn(self.codes, vae.decode(m + (0.5 * lv).exp() * self.eps), m, lv)
+            value = float(out.neg_elbo)
+        vae.train()
+        loss_fn.train()
+        self.history.append([step, value])
+        if self.best is None or value < self.best:
+            self.best, self.best_step, self.bad = value, step, 0
+            self.best_state = ({k: v.clone() for k, v in vae.state_dict().items()},
+                               {k: v.clone() for k, v in loss_fn.state_dict().items()})
+            return False
+        self.bad += 1
+        return self.bad >= self.sampler.patience
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.sampler.vae.load_state_dict(self.best_state[0])
+            self.sampler.loss_fn.load_state_dict(self.best_state[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
