@@ -195,6 +195,9 @@ def test_evidence_script_plans_the_three_studies(tmp_path):
     assert '"runs_dir": "' + str(tmp_path / "ev" / "runs") + '"' in proc.stdout
     assert "snapshot_steps: [2000, 8000]" in proc.stdout and "accelerator: auto" in proc.stdout
     assert "latent_dim: 64" in proc.stdout
+    plan = json.loads(proc.stdout[: proc.stdout.index("\nbase config:")])
+    assert plan["eval"]["two_stage_all"] and plan["eval"]["gmm_grid"] == [1, 5, 10, 20]
+    assert (plan["eval"]["fid_repeats"], plan["eval"]["two_stage_patience"], plan["eval"]["n_samples"]) == (3, 5, 10000)
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
 
@@ -209,3 +212,40 @@ def test_per_sample_neg_elbo_is_not_tabled_as_a_density_and_discrete_bits_pass_t
     assert values["neg_elbo"] == -900.0 and "neg_elbo" not in reasons
     opts = S.EvalOptions(dequantize=True)
     assert "--dequantize" in opts.cli_args(["prior"]) and opts.evaluate_kwargs(["prior"])["dequantize"] is True
+
+
+def test_study_samplers_for_every_policy_judged_on_validation(tmp_path):
+    """--two-stage-all, --two-stage-patience, --gmm-grid, --fid-repeats: through the planner to eval and back."""
+    ev = {**TINY_EVAL, "gmm": True, "two_stage_all": True, "two_stage_patience": 1, "gmm_grid": (1, 2),
+          "fid_repeats": 2}
+    plan = S.plan_study("fixed:1,ar", "0", tmp_path / "st", preset="linear-gaussian", overrides=TINY, epochs=1,
+                        steps_per_epoch=4, eval_options=ev)
+    assert all(r.samplers == ["prior", "gmm", "two-stage"] for r in plan.runs)
+    res = S.run_study(plan, progress=False, report=False, log=lambda m: None)
+    m = json.loads((plan.runs[1].run_dir / "metrics.json").read_text())
+    fits = m["protocol"]["samplers"]
+    assert fits["gmm"]["config"]["components_grid"] == [1, 2]
+    assert fits["gmm"]["fit_info"]["selection"]["held_out"] == "held-out codes"
+    assert fits["gmm"]["fit_info"]["selection"]["num_held_out"] == 32  # the validation split
+    assert fits["two-stage"]["fit_info"]["early_stopping"]["num_held_out"] == 32
+    values = next(p for p in res["policies"] if p["spec"] == "ar")["cells"][0]["values"]
+    assert values["gmm_components"] == fits["gmm"]["fit_info"]["selection"]["chosen"]
+    assert values["two_stage_sigma2"] == fits["two-stage"]["fit_info"]["sigma2_mean"]
+    assert m["protocol"]["fid"]["repeats"] == 2
+    assert [c["key"] for c in res["columns"] if c["key"].startswith("fid")] == ["fid", "fid_gmm", "fid_two_stage"]
+    assert [S.run_state(r, plan.eval)[0] for r in plan.runs] == ["done", "done"]
+    more = S.plan_study("fixed:1,ar", "0", tmp_path / "st", preset="linear-gaussian", overrides=TINY, epochs=1,
+                        steps_per_epoch=4, eval_options={**ev, "fid_repeats": 3})
+    assert "sample draw" in S.run_state(more.runs[0], more.eval)[1]
+    # the same request as `arelbo eval` arguments
+    import argparse
+
+    from arelbo.evaluate import add_arguments, parse_sampler_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ns = parser.parse_args(["RUN", *plan.eval.cli_args(plan.runs[0].samplers)])
+    kw = plan.eval.evaluate_kwargs(plan.runs[0].samplers)
+    assert parse_sampler_options(ns.sampler_option) == kw["sampler_options"] and ns.fid_repeats == 2
+    with pytest.raises(S.StudyError, match="gmm-grid"):
+        S.plan_study("ar", "0", tmp_path / "x", preset="linear-gaussian", eval_options={"gmm_grid": (0,)})

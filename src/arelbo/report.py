@@ -111,14 +111,17 @@ def paired_rows(results: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, header, rows
 
 
-CURVE_KEYS = ("fid", "fid_gmm", "active_units", "kl_total", "neg_elbo_ar", "sigma2_final")
+CURVE_KEYS = ("fid", "fid_gmm", "fid_two_stage", "fid_reconstruction", "active_units", "kl_total", "neg_elbo_ar",
+              "sigma2_final")
+OPTIONAL_COLUMNS = ("fid_gmm", "fid_two_stage", "fid_reconstruction")  # in the curve only when in the table
 
 
 def curve_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the metrics at each kept snapshot and at the end, per policy (rows = [] without any)."""
     labels = {c["key"]: c["label"] for c in results.get("columns", [])}
     labels.update(neg_elbo_ar="-ELBO, common σ² (nats)", sigma2_final="σ²")
-    keys = [k for k in CURVE_KEYS if k in labels and (k != "fid_gmm" or any(c["key"] == k for c in results["columns"]))]
+    keys = [k for k in CURVE_KEYS
+            if k in labels and (k not in OPTIONAL_COLUMNS or any(c["key"] == k for c in results["columns"]))]
     header = ["policy", "step"] + [labels[k] for k in keys]
     rows = []
     for p in results["policies"]:
@@ -302,7 +305,8 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
                   "Σ_j I(x; z_j) sums each latent's own mutual information (Gaussian form, not capped at log N).")
 
 
-FID_LEGEND = {"fid": "FID (own sampler: prior / two-stage)", "fid_gmm": "FID (GMM sampler)"}
+FID_LEGEND = {"fid": "FID (own sampler: prior / two-stage)", "fid_gmm": "FID (GMM sampler)",
+              "fid_two_stage": "FID (two-stage sampler)", "fid_reconstruction": "FID of test reconstructions (floor)"}
 
 
 def plot_fid_bars(results: dict, path: Path) -> Figure | None:
@@ -446,8 +450,12 @@ NOTES = [
     "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
     "per-sample policies: the mean).",
     "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean.",
+    "FID (two-stage), when present: the two-stage sampler (a second VAE on the run's codes, stopped when its "
+    "validation -ELBO stops falling) for every policy. FID (reconstructions): the test images' reconstructions "
+    "f(μ(x)), the floor no sampler of that decoder is expected to beat. With several sample draws, results.json "
+    "keeps the FID's sampling spread (fid_draws_std) beside the seeds' spread.",
     "FID: the policy's own sampler (the prior N(0, I); two-stage: its second VAE). FID (GMM), when present: a "
-    "Gaussian mixture (arelbo.samplers defaults: 10 components) fitted to the training posterior means, decoded; the "
+    "Gaussian mixture (10 components, or the count of --gmm-grid with the best validation likelihood) fitted to the training posterior means, decoded; the "
     "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder.",
     "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "
     "latent codes (Dai & Wipf 2019; the second stage uses arelbo.samplers' defaults, an MLP VAE with the ar "

@@ -359,27 +359,40 @@ class EvalOptions:
     # metrics-step-<N>.json, with the same request: metrics against training steps.
     snapshots: bool = True
     dequantize: bool = False  # likelihoods of uniformly dequantised pixels, bits/dim (discrete) reported
+    two_stage_all: bool = False  # the two-stage sampler for every run (a "FID (two-stage)" column), not only two-stage
+    two_stage_patience: int | None = None  # early stopping of the second stage on validation codes (None: all steps)
+    gmm_grid: tuple[int, ...] | None = None  # GMM component counts to choose from by validation likelihood
+    fid_repeats: int = 1  # independent sample draws per sampler (the FID's sampling spread)
+    fid_reconstruction: bool = True  # FID of the test reconstructions (the floor for every sampler)
 
     def samplers_for(self, headline: Iterable[str]) -> list[str]:
-        names = ["prior", *headline] + (["gmm"] if self.gmm else [])
+        names = ["prior", *headline] + (["gmm"] if self.gmm else []) + (["two-stage"] if self.two_stage_all else [])
         return list(dict.fromkeys(names))
 
     def sampler_options(self, samplers: Sequence[str]) -> dict:
+        out: dict[str, dict] = {}
         opts: dict[str, Any] = {}
         if "two-stage" in samplers and self.two_stage_steps is not None:
             opts["steps"] = int(self.two_stage_steps)
         if "two-stage" in samplers and self.two_stage_policy is not None:
             opts["policy"] = str(self.two_stage_policy)
+        if "two-stage" in samplers and self.two_stage_patience is not None:
+            opts["patience"] = int(self.two_stage_patience)
         if "two-stage" in samplers:
             opts["noise"] = bool(self.two_stage_noise)
-        return {"two-stage": opts} if opts else {}
+        if opts:
+            out["two-stage"] = opts
+        if "gmm" in samplers and self.gmm_grid is not None:
+            out["gmm"] = {"components_grid": sorted({int(k) for k in self.gmm_grid})}
+        return out
 
     def evaluate_kwargs(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> dict:
         return dict(which=which or self.checkpoint, device=device, split=self.split, n_samples=self.n_samples, k=self.k,
                     samplers=list(samplers), sampler_options=self.sampler_options(samplers),
                     batch_size=self.batch_size, fid=self.fid, max_examples=self.max_examples,
                     is_examples=self.is_examples, smoothness_examples=self.smoothness_examples,
-                    mi_examples=self.mi_examples, seed=self.seed, dequantize=self.dequantize)
+                    mi_examples=self.mi_examples, seed=self.seed, dequantize=self.dequantize,
+                    fid_repeats=self.fid_repeats, fid_reconstruction=self.fid_reconstruction)
 
     def cli_args(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> list[str]:
         """The same request as ``arelbo eval`` arguments (for --jobs subprocesses)."""
@@ -394,6 +407,10 @@ class EvalOptions:
             args.append("--no-fid")
         if self.dequantize:
             args.append("--dequantize")
+        if self.fid_repeats != 1:
+            args += ["--fid-repeats", str(self.fid_repeats)]
+        if not self.fid_reconstruction:
+            args.append("--no-fid-reconstruction")
         for name, opts in self.sampler_options(samplers).items():
             args += [item for k, v in opts.items() for item in ("--sampler-option", f"{name}.{k}={v}")]
         return args
@@ -557,6 +574,11 @@ def plan_study(
     opts = EvalOptions(**{**asdict(sc.eval), **(eval_options or {})})
     if not opts.fid and opts.gmm:  # the GMM sampler exists only as an FID column: without FID, do not fit it
         opts = replace(opts, gmm=False)
+    if opts.fid_repeats < 1 or (opts.two_stage_patience is not None and opts.two_stage_patience < 1):
+        raise StudyError(f"--fid-repeats and --two-stage-patience must be >= 1, got {opts.fid_repeats}, "
+                         f"{opts.two_stage_patience}")
+    if opts.gmm_grid is not None and (not opts.gmm_grid or min(opts.gmm_grid) < 1):
+        raise StudyError(f"--gmm-grid needs component counts >= 1, got {opts.gmm_grid}")
     if opts.n_samples < 0 or opts.k < 1 or opts.is_examples < 0:
         raise StudyError("evaluation needs n_samples >= 0, k >= 1, is_examples >= 0")
     if opts.checkpoint not in ("best", "last"):
@@ -660,6 +682,10 @@ def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file:
             return "FID " + ("skipped" if disabled else "computed") + " there, the study asks otherwise"
         if p.get("max_examples") != opts.max_examples or p.get("split") != opts.split:
             return "a different evaluation split or example cap"
+        if int(p["fid"].get("repeats", 1)) != opts.fid_repeats:
+            return f"FID on {p['fid'].get('repeats', 1)} sample draw(s), the study asks for {opts.fid_repeats}"
+        if bool(p["fid"].get("reconstruction", False)) != opts.fid_reconstruction:
+            return "reconstruction FID " + ("missing" if opts.fid_reconstruction else "present") + ", asked otherwise"
         if bool((p.get("dequantize") or {}).get("on")) != opts.dequantize:
             return "dequantisation " + ("off" if opts.dequantize else "on") + " there, the study asks otherwise"
         if int(p["is_nll"]["k"]) != opts.k:
@@ -991,6 +1017,8 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
 COLUMNS = [
     ("fid", "FID", "", 2),
     ("fid_gmm", "FID (GMM)", "", 2),
+    ("fid_two_stage", "FID (two-stage)", "", 2),
+    ("fid_reconstruction", "FID (reconstructions)", "", 2),
     ("active_units", "active units", "", 3),
     ("kl_total", "KL", "nats", 3),
     ("mse", "MSE", "", 3),
@@ -1052,7 +1080,8 @@ def final_sigma2(run_dir: Path, metrics: dict | None = None, step: int | None = 
     return float(s2) if isinstance(s2, (int, float)) else None
 
 
-def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int | None = None) -> tuple[dict, dict]:
+def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int | None = None,
+               two_stage: bool = False) -> tuple[dict, dict]:
     """The table's values for one run (None where unavailable) and the reasons for unavailable FIDs; ``step``:
     the values of the snapshot at that global step (its sigma2 from the training log up to there)."""
     s = metrics.get("summary") or {}
@@ -1088,7 +1117,34 @@ def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int 
         values["fid_gmm"], why = _fid_of(metrics, "gmm")
         if why:
             reasons["fid_gmm"] = why
+    if two_stage:
+        values["fid_two_stage"], why = _fid_of(metrics, "two-stage")
+        if why:
+            reasons["fid_two_stage"] = why
+    rec = metrics.get("fid_reconstruction") or {}
+    values["fid_reconstruction"] = rec.get("fid")
+    if rec.get("fid") is None:
+        skipped = ((metrics.get("protocol") or {}).get("fid") or {}).get("skipped")
+        reasons["fid_reconstruction"] = rec.get("error") or skipped or "not measured"
+    # the FID's sampling spread (std over independent draws), beside the training seeds' spread
+    for key, name in (("fid", sampler), ("fid_gmm", "gmm"), ("fid_two_stage", "two-stage")):
+        draws = ((metrics.get("fid") or {}).get(name) or {}).get("sample_draws") or {}
+        values[f"{key}_draws_std"] = draws.get("std")
+    fits = (metrics.get("protocol") or {}).get("samplers") or {}
+    values["two_stage_sigma2"] = ((fits.get("two-stage") or {}).get("fit_info") or {}).get("sigma2_mean")
+    values["gmm_components"] = ((fits.get("gmm") or {}).get("config") or {}).get("n_components")
     return values, reasons
+
+
+def _column_evaluated(key: str, opts: EvalOptions) -> bool:
+    """Whether the study's evaluation produces the table column ``key`` (the optional FID columns)."""
+    if key == "fid_gmm":
+        return opts.gmm
+    if key == "fid_two_stage":
+        return opts.two_stage_all
+    if key == "fid_reconstruction":
+        return opts.fid and opts.fid_reconstruction and opts.n_samples > 0
+    return True
 
 
 def _sorted_kl(metrics: dict) -> list[float] | None:
@@ -1104,7 +1160,9 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
     ``reference`` policy (default ``ar`` when studied, else the first) against every other policy."""
     policies_out = []
     keys = [c[0] for c in COLUMNS] + ["neg_elbo_ar_bpd", "mutual_information",
-                                      "neg_elbo_bpd_discrete", "neg_elbo_ar_bpd_discrete", "is_nll_bpd_discrete"]
+                                      "neg_elbo_bpd_discrete", "neg_elbo_ar_bpd_discrete", "is_nll_bpd_discrete",
+                                      "fid_draws_std", "fid_gmm_draws_std", "fid_two_stage_draws_std",
+                                      "two_stage_sigma2", "gmm_components"]
     for p in plan.policies:
         cells = []
         for seed in plan.seeds:
@@ -1118,8 +1176,9 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
                 entry.update(status="missing", error="not evaluated")
             else:
                 metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-                values, reasons = run_values(run.run_dir, metrics, p.sampler, plan.eval.gmm)
-                entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm)
+                values, reasons = run_values(run.run_dir, metrics, p.sampler, plan.eval.gmm,
+                                             two_stage=plan.eval.two_stage_all)
+                entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm, plan.eval.two_stage_all)
                 entry["global_step"] = (metrics.get("checkpoint") or {}).get("global_step")
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
                              kl_per_dim=(metrics.get("collapse") or {}).get("kl_per_dim"),
@@ -1132,7 +1191,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         done = [c for c in cells if c["status"] == "done"]
         agg = {k: aggregate_values([c["values"].get(k) for c in done]) for k in keys}
         notes = {}
-        for k in ("fid", "fid_gmm", "neg_elbo", "neg_elbo_bpd"):
+        for k in ("fid", "fid_gmm", "fid_two_stage", "fid_reconstruction", "neg_elbo", "neg_elbo_bpd"):
             reasons = sorted({c["unavailable"][k] for c in done if k in c.get("unavailable", {})})
             if reasons and agg[k]["n"] == 0:
                 notes[k] = "; ".join(reasons)
@@ -1156,7 +1215,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         "seeds": plan.seeds,
         "runs_dir": _rel(plan.runs_dir, plan.out),
         "columns": [{"key": k, "label": label, "unit": unit, "digits": digits} for k, label, unit, digits in COLUMNS
-                    if k != "fid_gmm" or plan.eval.gmm],
+                    if _column_evaluated(k, plan.eval)],
         "policies": policies_out,
         "sweep": _sweep_summary(policies_out),
         "paired": paired_summary(policies_out, reference),
@@ -1166,7 +1225,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
     return results
 
 
-def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool) -> list[dict]:
+def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool = False) -> list[dict]:
     """The evaluated snapshots of one run: [{"step", "values", "unavailable"}] by step."""
     from arelbo.evaluate import metrics_file
     from arelbo.runs import snapshot_name
@@ -1177,7 +1236,7 @@ def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool) -> list[dict]:
         if not f.is_file():
             continue
         metrics = json.loads(f.read_text(encoding="utf-8"))
-        values, reasons = run_values(run.run_dir, metrics, sampler, gmm, step=int(step))
+        values, reasons = run_values(run.run_dir, metrics, sampler, gmm, step=int(step), two_stage=two_stage)
         out.append({"step": int(step), "values": values, "unavailable": reasons})
     return out
 
@@ -1199,7 +1258,7 @@ def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
 
 
 # (key, lower is better: True / False / None for no direction): what the paired comparison covers
-PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
+PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
                ("mse", True), ("kl_total", None)]
 
 
@@ -1265,7 +1324,8 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
                    key=lambda p: p["sigma2"])
     if len(fixed) < 2:
         return None
-    keys = ("active_units", "smoothness", "smoothness_normalised", "mi_per_dim", "kl_total", "fid", "fid_gmm")
+    keys = ("active_units", "smoothness", "smoothness_normalised", "mi_per_dim", "kl_total", "fid", "fid_gmm",
+            "fid_two_stage")
     # the marker: AR-ELBO's final sigma2 (the isotropic default policy; other policies whose sigma2 is estimated
     # from the data only when it is absent)
     ar_type = [p for p in policies if policy_sigma2_kind(p) == "estimated" and p["n_done"]]

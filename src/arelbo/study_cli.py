@@ -129,6 +129,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--two-stage-mean", action="store_true",
                         help="two-stage sampler: the second VAE's decoder mean alone (Dai & Wipf), not exact samples")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (e.g. CelebA: no feature network here)")
+    parser.add_argument("--two-stage-all", action="store_true",
+                        help="judge every policy with the two-stage sampler too (a FID (two-stage) column)")
+    parser.add_argument("--two-stage-patience", type=int, metavar="N",
+                        help="stop the second stage once its validation -ELBO has not improved for N checks (every "
+                        "200 steps; --two-stage-steps is then the maximum)")
+    parser.add_argument("--gmm-grid", metavar="LIST", help="GMM component counts to choose from by validation "
+                        "likelihood, e.g. 1,5,10,20 (default: 10 components)")
+    parser.add_argument("--fid-repeats", type=int, metavar="N",
+                        help="FID of each sampler on N independent sample draws: the sampling spread (default 1)")
     parser.add_argument("--dequantize", action="store_true",
                         help="likelihoods of uniformly dequantised pixels (v + u - 1/2)/255, with bits/dim (discrete)")
     parser.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=None,
@@ -189,6 +198,19 @@ def build_plan(args: argparse.Namespace, kind: str | None = None):
         eval_options["fid"] = False
     if args.dequantize:
         eval_options["dequantize"] = True
+    if args.two_stage_all:
+        eval_options["two_stage_all"] = True
+    if args.two_stage_patience is not None:
+        eval_options["two_stage_patience"] = args.two_stage_patience
+    if args.gmm_grid:
+        from arelbo.study import StudyError
+
+        try:
+            eval_options["gmm_grid"] = tuple(int(k) for k in args.gmm_grid.replace(",", " ").split())
+        except ValueError:
+            raise StudyError(f"--gmm-grid: expected component counts separated by commas, got {args.gmm_grid!r}") from None
+    if args.fid_repeats is not None:
+        eval_options["fid_repeats"] = args.fid_repeats
     if args.snapshots is not None:
         eval_options["snapshots"] = args.snapshots
     eval_options["checkpoint"] = args.checkpoint
