@@ -44,7 +44,6 @@ def test_gmm_component_count_is_chosen_on_held_out_likelihood(tmp_path):
 
 
 def test_two_stage_stops_when_held_out_loss_stops_falling_and_keeps_the_best_weights():
-    g = torch.Generator().manual_seed(0)
     mu, logvar = mixture_codes(600, 2).float(), torch.full((600, 2), -4.0)
     val = (mixture_codes(200, 3).float(), torch.full((200, 2), -4.0))
     s = TwoStageSampler(steps=400, batch_size=64, lr=3e-2, hidden=[16], patience=2, eval_every=10, seed=1)
