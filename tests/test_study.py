@@ -174,16 +174,18 @@ def test_eval_options_cli_args_match_kwargs():
     assert args[args.index("--sampler") + 1] == "prior,two-stage" and "--no-fid" in args
     options = [args[i + 1] for i, a in enumerate(args) if a == "--sampler-option"]
     assert options == ["two-stage.steps=30", "two-stage.noise=True"]
-    from arelbo.evaluate import add_arguments, parse_sampler_options
+    from arelbo.evalconfig import EvalConfig
+    from arelbo.evaluate import add_arguments
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     ns = parser.parse_args(["RUN", *args])
     kw = opts.evaluate_kwargs(["prior", "two-stage"])
-    assert (ns.n_samples, ns.k, ns.max_examples, ns.which, not ns.no_fid) == (kw["n_samples"], kw["k"],
-                                                                               kw["max_examples"], kw["which"], kw["fid"])
-    assert parse_sampler_options(ns.sampler_option) == kw["sampler_options"]
+    assert (ns.n_samples, ns.k, ns.max_examples, ns.which, ns.fid) == (kw["n_samples"], kw["k"],
+                                                                        kw["max_examples"], kw["which"], kw["fid"])
+    assert EvalConfig.from_args(ns) == opts.eval_config(["prior", "two-stage"]) == EvalConfig(**kw)
+    assert kw["sampler_options"] == {"two-stage": {"steps": 30, "noise": True}}
 
 
 # ---------------------------------------------------------------------------------------------- aggregation

@@ -43,12 +43,17 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "arelbo.config",
     "load_config": "arelbo.config",
     "load_model": "arelbo.runs",
+    # evaluation of a run directory
+    "EvalConfig": "arelbo.evalconfig",
+    "evaluate_run": "arelbo.evaluate",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these resolve lazily in __getattr__
     from arelbo.config import ConfigError, RunConfig, load_config
+    from arelbo.evalconfig import EvalConfig
+    from arelbo.evaluate import evaluate_run
     from arelbo.metrics import ELBOAccumulator, active_units, importance_sampled_nll, mutual_information, neg_elbo
     from arelbo.models import VAE, LinearVAE, build_model
     from arelbo.objectives import (

@@ -35,9 +35,10 @@ import platform
 import sys
 import time
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 METRICS_FILE = "metrics.json"
 METRICS_FORMAT = 1
@@ -140,46 +141,109 @@ def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write
     return sampler, info
 
 
-def evaluate_run(
-    run_dir,
-    *,
-    which: str = "best",
-    split: str = "test",
-    n_samples: int = 10000,
-    k: int = 100,
-    samplers: Sequence[str] | str | None = ("prior", "gmm"),
-    sampler_options: dict[str, dict[str, Any]] | None = None,
-    batch_size: int = 500,
-    fid: bool = True,
-    feature_net: str | None = None,
-    kid: bool | None = None,
-    max_examples: int | None = None,
-    fit_examples: int | None = None,
-    is_examples: int | None = 1000,
-    smoothness_examples: int | None = 1000,
-    mi_examples: int | None = 10000,
-    threshold: float = 0.01,
-    sq_err: str = "auto",
-    dequantize: bool = False,
-    seed: int = 0,
-    fid_repeats: int = 1,
-    fid_reconstruction: bool = True,
-    device: str = "cpu",
-    data_root: str | None = None,
-    refit_samplers: bool = False,
-    write: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
+def evaluate_run(run_dir, config=None, *, write: bool = True, progress: bool = True, **options) -> dict[str, Any]:
     """Evaluate a run directory; returns the metrics.json dict (also written there unless ``write=False``).
 
-    ``max_examples`` caps the evaluation split *and* the training examples the samplers are fitted on (quick
-    runs); ``fit_examples`` caps the latter alone. ``is_examples``, ``smoothness_examples``, ``mi_examples``: how
-    many of the evaluation examples the IS-NLL, smoothness and MI use (None: all); K IS samples each.
-    ``samplers``: names or a comma-separated string; ``sampler_options``: {name: constructor kwargs}. ``fid``:
-    score samples with FID when the data are images (uint8) and ``arelbo.metrics.fid`` is importable;
-    ``feature_net`` default: mnist-features for 1x28x28 data, else inception; ``kid`` default: on when
-    ``n_samples`` < 2048. ``sq_err``: how E_q||x - f(z)||^2 is computed for the -ELBO and the ar sigma2
-    (auto: exact for a linear model, else one reparameterised sample per example).
+    ``config``: an :class:`arelbo.evalconfig.EvalConfig` (default: its defaults); ``options``: any of its fields
+    by name, replacing the config's (``evaluate_run(run, which="last", n_samples=0)``). The fields, and what each
+    stage computes, are described there and in :func:`_evaluate`.
+    """
+    from arelbo.evalconfig import from_options
+
+    return _evaluate(run_dir, from_options(config, options), write=write, progress=progress)
+
+
+@dataclass
+class Loaded:
+    """Stage 0: the run and the data it is evaluated on."""
+
+    run_dir: Path
+    ckpt_file: Path
+    ckpt: dict
+    cfg: dict  # the run's config (as saved in the checkpoint)
+    model: Any
+    loss_fn: Any
+    device: str
+    splits: Any
+    eval_data: Any  # the evaluation split (uint8 images or floats), capped at max_examples
+    train_data: Any  # what the samplers are fitted on
+    score_data: Any  # what the likelihoods score (eval_data, dequantised when asked)
+    val_data: Any  # the validation split (capped at max_examples): samplers choose on it
+    val_score: Any  # ... in the form the likelihoods score: where data-estimated sigma2 is fitted
+    loader: Any  # batches of score_data
+    is_image: bool
+    sampler_names: list[str]
+    sampler_options: dict
+
+
+@dataclass
+class Encoded:
+    """Stage 1: one pass over the evaluation split (and the validation split) through the encoder."""
+
+    acc: Any  # ELBOAccumulator over the evaluation split
+    val_acc: Any  # ... over the validation split (the same object when evaluating on val)
+    mu: Any  # (N, q) posterior means, float32 CPU
+    logvar: Any
+    mse_sum: float  # sum over examples of ||x - f(mu)||^2
+    mode: str  # how E_q (x - f(z))^2 was computed
+    num_elements: int
+    latent_dim: int
+    num_examples: int
+
+
+@dataclass
+class Collapse:
+    """Stage 2: posterior-collapse diagnostics."""
+
+    au: Any  # ActiveUnits
+    mi: float | None
+    n_mi: int
+    mi_dims: Any
+    smooth: Any
+    smooth_norm: Any
+    n_smooth: int
+
+
+@dataclass
+class Likelihood:
+    """Stage 3: -ELBO under the run's policy and the common rule, IS-NLL, the exact NLL of a linear model."""
+
+    elbo_policy: Any  # ELBOResult
+    elbo_ar: Any
+    sigma2_diag: Any
+    density_sigma2: Any  # the sigma2 the IS-NLL (and exact NLL) use
+    is_density: bool
+    density_note: str | None
+    is_note: str | None
+    is_res: Any  # ISResult or None
+    n_is: int
+    exact: dict | None
+
+
+@dataclass
+class Samples:
+    """Stages 4 and 5: each sampler fitted on the training split (choices judged on the validation split), its
+    samples drawn and scored with FID (on ``fid_repeats`` independent draws), and the reconstructions' FID."""
+
+    samplers: dict[str, Any]
+    fid: dict[str, Any]
+    feature_net: str
+    reference: str
+    kid: bool
+    unavailable: str | None
+    reconstruction: dict | None  # FID of the evaluation images' reconstructions f(mu(x)): the floor for samplers
+
+
+def _evaluate(run_dir, c, *, write: bool, progress: bool) -> dict[str, Any]:
+    """The body of :func:`evaluate_run`: load, then the stages in order, then the metrics.json dict.
+
+    ``c`` is an :class:`arelbo.evalconfig.EvalConfig`. ``max_examples`` caps the evaluation split *and* the
+    training examples the samplers are fitted on (quick runs); ``fit_examples`` caps the latter alone.
+    ``is_examples``, ``smoothness_examples``, ``mi_examples``: how many of the evaluation examples the IS-NLL,
+    smoothness and MI use (None: all); K IS samples each. ``fid``: score samples with FID when the data are images
+    (uint8) and ``arelbo.metrics.fid`` is importable; ``feature_net`` default: mnist-features for 1x28x28 data,
+    else inception; ``kid`` default: on when ``n_samples`` < 2048. ``sq_err``: how E_q||x - f(z)||^2 is computed
+    for the -ELBO and the ar sigma2 (auto: exact for a linear model, else one reparameterised sample per example).
 
     Likelihoods on one footing: every sigma2 estimated from data (the ar-type policies' own rule, and the common
     rule applied to every policy: the isotropic MLE) is fitted on the *validation* split and scored on the
@@ -193,78 +257,86 @@ def evaluate_run(
     first draw's value: the sampling spread). ``fid_reconstruction``: also the FID of the evaluation images'
     reconstructions f(mu(x)), the floor no sampler of this decoder is expected to beat.
     """
-    import torch
-
-    from arelbo import __version__
-    from arelbo.data import load_dataset, make_loader
-    from arelbo.metrics.collapse import (
-        active_units,
-        batch_sq_err,
-        decoder_smoothness,
-        iterate_batches,
-        mutual_information,
-        mutual_information_per_dim,
-        normalised_smoothness,
-    )
-    from arelbo.metrics.features import sha256_file
-    from arelbo.metrics.likelihood import (
-        ELBOAccumulator,
-        importance_sampled_nll_dataset,
-        linear_vae_exact_nll,
-    )
-    from arelbo.runs import atomic_write_text, checkpoint_path, load_model
-    from arelbo.samplers import decode_samples
-
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    run_dir = Path(run_dir)
-    if k < 1 or n_samples < 0 or batch_size < 1 or fid_repeats < 1:
-        raise ValueError("need k >= 1, n_samples >= 0, batch_size >= 1, fid_repeats >= 1")
-    sampler_names = _parse_samplers(samplers)
-    sampler_options = dict(sampler_options or {})
+    run = _load(Path(run_dir), c)
+    timings["load"] = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    enc = _encode(run, c, progress)
+    timings["encode_pass"] = time.perf_counter() - t0
+    col = _collapse(run, enc, c, timings)
+    t0 = time.perf_counter()
+    lik = _likelihood(run, enc, c, progress)
+    timings["is_nll"] = time.perf_counter() - t0
+    smp = _samples(run, enc, c, write, progress, timings)
+    timings["total"] = time.perf_counter() - t_start
+    result = _clean(_metrics(run, enc, col, lik, smp, c, timings))
+    if write:
+        from arelbo.runs import atomic_write_text
+
+        atomic_write_text(metrics_file(run.run_dir, c.which), json.dumps(result, indent=2, sort_keys=False) + "\n")
+    return result
+
+
+def _load(run_dir: Path, c) -> Loaded:
+    import torch
+
+    from arelbo.data import load_dataset, make_loader
+    from arelbo.runs import checkpoint_path, load_model
+
+    sampler_names = _parse_samplers(c.samplers)
+    sampler_options = dict(c.sampler_options or {})
     bad = sorted(set(sampler_options) - set(sampler_names))
     if bad:
         raise ValueError(f"options given for sampler(s) {bad} that are not being evaluated ({sampler_names})")
 
-    device = resolve_device(device)
-    ckpt_file = checkpoint_path(run_dir, which)
-    model, loss_fn, ckpt = load_model(run_dir, which, map_location=device)
+    device = resolve_device(c.device)
+    ckpt_file = checkpoint_path(run_dir, c.which)
+    model, loss_fn, ckpt = load_model(run_dir, c.which, map_location=device)
     model.to(device)
     cfg = ckpt["config"]
     data_cfg = cfg.get("data")
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:
         raise ValueError(f"the checkpoint's config has no data section naming the dataset: {ckpt_file}")
-    splits = load_dataset(data_cfg["name"], data_root or data_cfg.get("root"), **(data_cfg.get("options") or {}))
-    eval_data = splits.split(split)
+    splits = load_dataset(data_cfg["name"], c.data_root or data_cfg.get("root"), **(data_cfg.get("options") or {}))
+    eval_data = splits.split(c.split)
     train_data = splits.train
-    if max_examples is not None:
-        eval_data, train_data = eval_data[:max_examples], train_data[:max_examples]
-    if fit_examples is not None:
-        train_data = train_data[:fit_examples]
-    n_eval = int(eval_data.shape[0])
+    if c.max_examples is not None:
+        eval_data, train_data = eval_data[: c.max_examples], train_data[: c.max_examples]
+    if c.fit_examples is not None:
+        train_data = train_data[: c.fit_examples]
     is_image = eval_data.dtype == torch.uint8
-    if dequantize and not is_image:
+    if c.dequantize and not is_image:
         raise ValueError(f"dequantize needs uint8 images; the {splits.name} data are {eval_data.dtype}")
-    val_data = splits.val if max_examples is None else splits.val[:max_examples]
+    val_data = splits.val if c.max_examples is None else splits.val[: c.max_examples]
     score_data, val_score = eval_data, val_data
-    if dequantize:  # float copies with uniform noise inside each pixel's 1/255 bin (FID keeps the uint8 data)
-        score_data = _dequantized(eval_data, _generator(seed, "dequantize"))
-        val_score = _dequantized(val_data, _generator(seed, "dequantize-val"))
-    loader = make_loader(score_data, batch_size, shuffle=False)
-    timings["load"] = time.perf_counter() - t_start
+    if c.dequantize:  # float copies with uniform noise inside each pixel's 1/255 bin (FID keeps the uint8 data)
+        score_data = _dequantized(eval_data, _generator(c.seed, "dequantize"))
+        val_score = _dequantized(val_data, _generator(c.seed, "dequantize-val"))
+    loader = make_loader(score_data, c.batch_size, shuffle=False)
+    return Loaded(run_dir, ckpt_file, ckpt, cfg, model, loss_fn, device, splits, eval_data, train_data, score_data,
+                  val_data, val_score, loader, is_image, sampler_names, sampler_options)
 
-    # ---- one pass: posteriors, squared errors, posterior-mean reconstruction error
-    t0 = time.perf_counter()
-    mode = sq_err
+
+def _encode(run: Loaded, c, progress) -> Encoded:
+    """Posteriors, squared errors, posterior-mean reconstruction error; the validation split's sums."""
+    import torch
+
+    from arelbo.data import make_loader
+    from arelbo.metrics.collapse import batch_sq_err, iterate_batches
+    from arelbo.metrics.likelihood import ELBOAccumulator
+
+    model, device = run.model, run.device
+    mode = c.sq_err
     if mode == "auto":
         mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
-    acc = ELBOAccumulator(per_sample_floor=loss_fn.policy.floor)
+    acc = ELBOAccumulator(per_sample_floor=run.loss_fn.policy.floor)
     acc.sq_err_mode = mode
-    gen_elbo = _generator(seed, "elbo")
+    gen_elbo = _generator(c.seed, "elbo")
     mus, logvars = [], []
     mse_sum = 0.0
     with torch.inference_mode():
-        for x in iterate_batches(loader, device, progress=progress and "eval: encoding"):
+        for x in iterate_batches(run.loader, device, progress=progress and "eval: encoding"):
             mu, logvar = model.encode(x)
             acc.update(batch_sq_err(model, x, mode, gen_elbo, (mu, logvar)), mu, logvar)
             mse_sum += float((x.flatten(1).double() - model.decode(mu).flatten(1).double()).pow(2).sum())
@@ -272,38 +344,57 @@ def evaluate_run(
             logvars.append(logvar.float().cpu())
     mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
     # the validation split: where every data-estimated sigma2 is fitted
-    if split == "val":
+    if c.split == "val":
         val_acc = acc
     else:
-        val_acc = ELBOAccumulator(per_sample_floor=loss_fn.policy.floor)
-        gen_val = _generator(seed, "elbo-val")
+        val_acc = ELBOAccumulator(per_sample_floor=run.loss_fn.policy.floor)
+        gen_val = _generator(c.seed, "elbo-val")
         with torch.inference_mode():
-            for x in iterate_batches(make_loader(val_score, batch_size, shuffle=False), device,
+            for x in iterate_batches(make_loader(run.val_score, c.batch_size, shuffle=False), device,
                                      progress=progress and "eval: validation pass"):
                 val_acc.update(batch_sq_err(model, x, mode, gen_val), *model.encode(x))
-    d = acc.num_elements
-    q = int(mu_all.shape[1])
-    timings["encode_pass"] = time.perf_counter() - t0
+    return Encoded(acc, val_acc, mu_all, logvar_all, mse_sum, mode, acc.num_elements, int(mu_all.shape[1]),
+                   int(run.eval_data.shape[0]))
 
-    # ---- collapse
+
+def _collapse(run: Loaded, enc: Encoded, c, timings: dict) -> Collapse:
+    from arelbo.metrics.collapse import (
+        active_units,
+        decoder_smoothness,
+        mutual_information,
+        mutual_information_per_dim,
+        normalised_smoothness,
+    )
+
     t0 = time.perf_counter()
-    au = active_units(mu_all, threshold)
-    n_mi = n_eval if mi_examples is None else min(n_eval, int(mi_examples))
-    mi = mutual_information(mu_all[:n_mi], logvar_all[:n_mi], generator=_generator(seed, "mi")) if n_mi else None
+    n_eval, mu_all, logvar_all = enc.num_examples, enc.mu, enc.logvar
+    au = active_units(mu_all, c.threshold)
+    n_mi = n_eval if c.mi_examples is None else min(n_eval, int(c.mi_examples))
+    mi = mutual_information(mu_all[:n_mi], logvar_all[:n_mi], generator=_generator(c.seed, "mi")) if n_mi else None
     timings["mutual_information"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_smooth = n_eval if smoothness_examples is None else min(n_eval, int(smoothness_examples))
-    smooth = decoder_smoothness(model.decoder, mu_all[:n_smooth].to(device), batch_size=batch_size) if n_smooth else None
+    n_smooth = n_eval if c.smoothness_examples is None else min(n_eval, int(c.smoothness_examples))
+    smooth = (decoder_smoothness(run.model.decoder, mu_all[:n_smooth].to(run.device), batch_size=c.batch_size)
+              if n_smooth else None)
     smooth_norm = normalised_smoothness(smooth, mu_all[:n_smooth]) if n_smooth else None
     mi_dims = mutual_information_per_dim(mu_all, logvar_all)
     timings["smoothness"] = time.perf_counter() - t0
+    return Collapse(au, mi, n_mi, mi_dims, smooth, smooth_norm, n_smooth)
 
-    # ---- likelihood
-    t0 = time.perf_counter()
-    policy_name = loss_fn.policy.name
+
+def _likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
+    import torch
+
+    from arelbo.data import make_loader
+    from arelbo.metrics.collapse import iterate_batches
+    from arelbo.metrics.likelihood import importance_sampled_nll_dataset, linear_vae_exact_nll
+
+    model, loss_fn, device = run.model, run.loss_fn, run.device
+    acc, val_acc, d, n_eval = enc.acc, enc.val_acc, enc.num_elements, enc.num_examples
     policy = loss_fn.policy
+    policy_name = policy.name
     floor = policy.floor
-    fitted_on = "the evaluation split itself" if split == "val" else "the validation split"
+    fitted_on = "the evaluation split itself" if c.split == "val" else "the validation split"
     held = policy.held_out_sigma2(val_acc)  # a data-estimated rule is fitted on the validation split
     common = val_acc.ar_sigma2().clamp_min(floor)
     if held.kind == "per-sample":  # each example of the scored split at its own MLE
@@ -320,35 +411,41 @@ def evaluate_run(
         density_note = (f"policy {policy_name}'s sigma2 defines no single density: this -ELBO is not a likelihood "
                         f"bound; compare the common-rule -ELBO (neg_elbo_ar)")
         is_note = f"policy {policy_name}'s sigma2 defines no single density: IS-NLL uses the validation isotropic MLE"
-    n_is = n_eval if is_examples is None else min(n_eval, int(is_examples))
+    n_is = n_eval if c.is_examples is None else min(n_eval, int(c.is_examples))
     is_res = None
     if n_is > 0:
-        is_loader = make_loader(score_data[:n_is], max(1, min(batch_size, 100)), shuffle=False)
-        is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), k, _generator(seed, "is-nll"),
-                                                progress=progress and f"eval: IS-NLL (K={k})")
-    timings["is_nll"] = time.perf_counter() - t0
+        is_loader = make_loader(run.score_data[:n_is], max(1, min(c.batch_size, 100)), shuffle=False)
+        is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), c.k, _generator(c.seed, "is-nll"),
+                                                progress=progress and f"eval: IS-NLL (K={c.k})")
     exact = None
     if hasattr(model, "expected_sq_err") and hasattr(getattr(model, "decoder", None), "linear"):
         with torch.inference_mode():
             vals = torch.cat([linear_vae_exact_nll(model, x, value.to(x.device)).cpu()
-                              for x in iterate_batches(loader, device)])
+                              for x in iterate_batches(run.loader, device)])
         exact = {"nll": float(vals.mean()), "bits_per_dim": float(vals.mean()) / (d * math.log(2)),
                  "nll_is_subset": float(vals[:n_is].mean()) if n_is else None,
                  "note": "closed-form -log N(x; b, W W^T + sigma2) at the sigma2 the IS-NLL uses"}
+    return Likelihood(elbo_policy, elbo_ar, sigma2_diag, value, is_density, density_note, is_note, is_res, n_is, exact)
 
-    # ---- samples and FID
+
+def _samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict) -> Samples:
+    from arelbo.data import make_loader
+    from arelbo.metrics.features import sha256_file
+    from arelbo.samplers import decode_samples
+
+    model, device, seed, n_samples = run.model, run.device, c.seed, c.n_samples
     fid_fn, fid_unavailable = None, None
-    if not fid:
+    if not c.fid:
         fid_unavailable = "disabled (--no-fid)"
-    elif not is_image:
-        fid_unavailable = f"data are not images (dtype {eval_data.dtype}, shape {tuple(eval_data.shape[1:])})"
+    elif not run.is_image:
+        fid_unavailable = f"data are not images (dtype {run.eval_data.dtype}, shape {tuple(run.eval_data.shape[1:])})"
     else:
         try:
             from arelbo.metrics.fid import compute_fid as fid_fn
         except ImportError as err:
             fid_unavailable = f"arelbo.metrics.fid is not available ({err})"
-    net = feature_net or _default_feature_net(splits.shape)
-    if fid_fn is not None and sampler_names and n_samples > 0:
+    net = c.feature_net or _default_feature_net(run.splits.shape)
+    if fid_fn is not None and run.sampler_names and n_samples > 0:
         try:  # fail once, before any sample is drawn, when the feature network cannot be loaded
             from arelbo.metrics.features import get_feature_net
 
@@ -357,25 +454,25 @@ def evaluate_run(
             pass  # no separate loader to check: compute_fid reports its own errors
         except Exception as err:
             fid_fn, fid_unavailable = None, f"feature network {net!r} unavailable: {type(err).__name__}: {err}"
-    use_kid = (n_samples < 2048) if kid is None else bool(kid)
-    reference_name = f"{splits.name}:{split}" + (f"[:{n_eval}]" if max_examples is not None else "")
-    train_loader = make_loader(train_data, batch_size, shuffle=False) if sampler_names else None
-    sampler_val_loader = make_loader(val_data, batch_size, shuffle=False) if sampler_names else None
-    ckpt_hash = sha256_file(ckpt_file) if sampler_names else None  # a saved sampler fit is reused only for this file
+    use_kid = (n_samples < 2048) if c.kid is None else bool(c.kid)
+    reference_name = f"{run.splits.name}:{c.split}" + (f"[:{enc.num_examples}]" if c.max_examples is not None else "")
+    train_loader = make_loader(run.train_data, c.batch_size, shuffle=False) if run.sampler_names else None
+    sampler_val_loader = make_loader(run.val_data, c.batch_size, shuffle=False) if run.sampler_names else None
+    ckpt_hash = sha256_file(run.ckpt_file) if run.sampler_names else None  # a saved fit is reused only for this file
     sampler_results: dict[str, Any] = {}
     fid_results: dict[str, Any] = {}
-    for name in sampler_names:
+    for name in run.sampler_names:
         t0 = time.perf_counter()
-        options = dict(sampler_options.get(name, {}))
+        options = dict(run.sampler_options.get(name, {}))
         if "seed" in _sampler_params(name) and "seed" not in options:
             options["seed"] = int(seed)
-        key = {"checkpoint": ckpt_file.name, "checkpoint_sha256": ckpt_hash, "options": _clean(options),
-               "fit_split": "train", "fit_examples": int(train_data.shape[0]), "held_out_split": "val",
-               "held_out_examples": int(val_data.shape[0])}
-        sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write,
-                                             refit_samplers, None, progress, which, sampler_val_loader)
+        key = {"checkpoint": run.ckpt_file.name, "checkpoint_sha256": ckpt_hash, "options": _clean(options),
+               "fit_split": "train", "fit_examples": int(run.train_data.shape[0]), "held_out_split": "val",
+               "held_out_examples": int(run.val_data.shape[0])}
+        sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run.run_dir, write,
+                                             c.refit_samplers, None, progress, c.which, sampler_val_loader)
         info.update({"config": _clean(sampler.config()), "fit_info": _clean(sampler.fit_info),
-                     "fit_examples": int(train_data.shape[0]), "n_samples": int(n_samples)})
+                     "fit_examples": int(run.train_data.shape[0]), "n_samples": int(n_samples)})
         sampler_results[name] = info
         if n_samples == 0:
             continue
@@ -383,34 +480,56 @@ def evaluate_run(
             fid_results[name] = {"skipped": fid_unavailable}
             timings[f"sampler:{name}"] = time.perf_counter() - t0
             continue
-        images = decode_samples(model, sampler, n_samples, _generator(seed, f"samples:{name}"), batch_size,
-                                as_uint8=is_image, progress=progress and f"{name}: decoding")
+        images = decode_samples(model, sampler, n_samples, _generator(seed, f"samples:{name}"), c.batch_size,
+                                as_uint8=run.is_image, progress=progress and f"{name}: decoding")
         try:
-            fid_results[name] = _clean(fid_fn(images, eval_data, feature_net=net, seed=int(seed), kid=use_kid,
+            fid_results[name] = _clean(fid_fn(images, run.eval_data, feature_net=net, seed=int(seed), kid=use_kid,
                                               reference_name=reference_name, progress=progress))
-            if fid_repeats > 1:  # the sampling spread: the same sampler, independent draws
+            if c.fid_repeats > 1:  # the sampling spread: the same sampler, independent draws
                 fids = [fid_results[name]["fid"]]
-                for r in range(1, fid_repeats):
+                for r in range(1, c.fid_repeats):
                     more = decode_samples(model, sampler, n_samples, _generator(seed, f"samples:{name}:draw{r}"),
-                                          batch_size, as_uint8=is_image)
-                    fids.append(float(fid_fn(more, eval_data, feature_net=net, seed=int(seed), kid=False,
+                                          c.batch_size, as_uint8=run.is_image)
+                    fids.append(float(fid_fn(more, run.eval_data, feature_net=net, seed=int(seed), kid=False,
                                              reference_name=reference_name)["fid"]))
                 fid_results[name]["sample_draws"] = _spread(fids)
         except Exception as err:  # a missing feature network must not lose the other metrics
             fid_results[name] = {"error": f"{type(err).__name__}: {err}", "feature_net": net}
         timings[f"sampler:{name}"] = time.perf_counter() - t0
     fid_recon = None
-    if fid_reconstruction and fid_fn is not None and is_image and n_samples > 0:
+    if c.fid_reconstruction and fid_fn is not None and run.is_image and n_samples > 0:
         t0 = time.perf_counter()
         try:  # the evaluation images' reconstructions f(mu(x)): the floor for any sampler of this decoder
-            recon = _decode_codes(model, mu_all, batch_size)
-            fid_recon = _clean(fid_fn(recon, eval_data, feature_net=net, seed=int(seed), kid=use_kid,
+            recon = _decode_codes(model, enc.mu, c.batch_size)
+            fid_recon = _clean(fid_fn(recon, run.eval_data, feature_net=net, seed=int(seed), kid=use_kid,
                                       reference_name=reference_name))
         except Exception as err:
             fid_recon = {"error": f"{type(err).__name__}: {err}", "feature_net": net}
         timings["fid_reconstruction"] = time.perf_counter() - t0
+    return Samples(sampler_results, fid_results, net, reference_name, use_kid, fid_unavailable, fid_recon)
 
-    timings["total"] = time.perf_counter() - t_start
+
+def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Samples, c,
+             timings: dict) -> dict[str, Any]:
+    """The metrics.json dict of the stages' results."""
+    import torch
+
+    from arelbo import __version__
+
+    q, d, n_eval, mode = enc.latent_dim, enc.num_elements, enc.num_examples, enc.mode
+    acc, val_acc, mse_sum = enc.acc, enc.val_acc, enc.mse_sum
+    au, mi, n_mi, mi_dims = col.au, col.mi, col.n_mi, col.mi_dims
+    smooth, smooth_norm, n_smooth = col.smooth, col.smooth_norm, col.n_smooth
+    elbo_policy, elbo_ar, sigma2_diag, value = lik.elbo_policy, lik.elbo_ar, lik.sigma2_diag, lik.density_sigma2
+    is_density, density_note, is_note, is_res, n_is, exact = (lik.is_density, lik.density_note, lik.is_note,
+                                                              lik.is_res, lik.n_is, lik.exact)
+    sampler_results, fid_results, net = smp.samplers, smp.fid, smp.feature_net
+    reference_name, use_kid, fid_unavailable = smp.reference, smp.kid, smp.unavailable
+    run_dir, ckpt_file, ckpt, splits, cfg, device = run.run_dir, run.ckpt_file, run.ckpt, run.splits, run.cfg, run.device
+    which, split, max_examples, batch_size, seed = c.which, c.split, c.max_examples, c.batch_size, c.seed
+    threshold, k, n_samples, dequantize = c.threshold, c.k, c.n_samples, c.dequantize
+    fid_repeats, fid_reconstruction, fid_recon = c.fid_repeats, c.fid_reconstruction, smp.reconstruction
+    policy_name = run.loss_fn.policy.name
     collapse = {
         "latent_dim": q,
         "active_units": au.count,
@@ -522,9 +641,6 @@ def evaluate_run(
         "fid_reconstruction": fid_recon,
         "timings_s": {k_: round(v, 3) for k_, v in timings.items()},
     }
-    result = _clean(result)
-    if write:
-        atomic_write_text(metrics_file(run_dir, which), json.dumps(result, indent=2, sort_keys=False) + "\n")
     return result
 
 
@@ -637,87 +753,26 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser) -> None:
+    from arelbo.evalconfig import add_arguments as add_eval_arguments
+
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoints/)")
-    parser.add_argument("--which", default="best",
-                        help="checkpoint: best, last (written to metrics.json), or another file in checkpoints/, e.g. "
-                             "step-2000 (written to metrics-step-2000.json) (default best)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="evaluation split (default test)")
-    parser.add_argument("--n-samples", type=int, default=10000, help="generated samples per sampler for FID (default 10000)")
-    parser.add_argument("--k", type=int, default=100, help="importance samples per example for the IS-NLL (default 100)")
-    parser.add_argument("--is-examples", type=int, default=1000, help="evaluation examples for the IS-NLL (default 1000; 0: skip)")
-    parser.add_argument("--smoothness-examples", type=int, default=1000, help="examples for decoder smoothness (default 1000)")
-    parser.add_argument("--mi-examples", type=int, default=10000, help="examples whose aggregate posterior defines I(x;z) (default 10000)")
-    parser.add_argument("--sampler", default="prior,gmm", help="comma-separated ex-post samplers: prior, gmm, two-stage (default prior,gmm)")
-    parser.add_argument("--sampler-option", action="append", default=[], metavar="NAME.KEY=VALUE",
-                        help="a sampler option, e.g. gmm.n_components=20 or two-stage.steps=1000 (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
-    parser.add_argument("--no-fid", action="store_true", help="skip FID (samplers are still fitted)")
-    parser.add_argument("--feature-net", default=None, help="FID feature network (default: mnist-features for 1x28x28, else inception)")
-    parser.add_argument("--kid", dest="kid", action="store_true", default=None, help="also compute KID (default: when n-samples < 2048)")
-    parser.add_argument("--no-kid", dest="kid", action="store_false")
-    parser.add_argument("--max-examples", type=int, default=None, help="cap evaluation and sampler-fitting examples (quick runs)")
-    parser.add_argument("--fit-examples", type=int, default=None, help="cap the training examples the samplers are fitted on")
-    parser.add_argument("--threshold", type=float, default=0.01, help="active-unit threshold on Var(mu_j) (default 0.01)")
-    parser.add_argument("--sq-err", default="auto", choices=("auto", "sample", "exact", "mean"),
-                        help="how E_q||x - f(z)||^2 is computed for -ELBO and the ar sigma2 (default auto)")
-    parser.add_argument("--fid-repeats", type=int, default=1, metavar="N",
-                        help="FID of each sampler on N independent sample draws (mean/std: the sampling spread)")
-    parser.add_argument("--no-fid-reconstruction", action="store_true",
-                        help="skip the FID of the evaluation images' reconstructions (the floor for samplers)")
-    parser.add_argument("--dequantize", action="store_true",
-                        help="score uniformly dequantised pixels (v + u - 1/2)/255 and report bits/dim (discrete)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (CUDA when available) (default cpu)")
-    parser.add_argument("--data-root", default=None, help="override the dataset root recorded in the run's config")
-    parser.add_argument("--refit-samplers", action="store_true", help="refit samplers even when a saved fit matches")
+    add_eval_arguments(parser)  # one option per EvalConfig field
     parser.add_argument("--no-write", action="store_true", help="do not write metrics.json or sampler files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", action="store_true", help="print the metrics JSON instead of the table")
 
 
 def parse_sampler_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
-    import yaml
+    from arelbo.evalconfig import parse_sampler_options as parse
 
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        head, sep, raw = item.partition("=")
-        name, dot, key = head.rpartition(".")
-        if not sep or not dot or not name or not key:
-            raise ValueError(f"--sampler-option {item!r}: expected NAME.KEY=VALUE, e.g. gmm.n_components=20")
-        out.setdefault(name, {})[key] = yaml.safe_load(raw)
-    return out
+    return parse(items)
 
 
 def run(args) -> int:
-    result = evaluate_run(
-        args.run_dir,
-        which=args.which,
-        split=args.split,
-        n_samples=args.n_samples,
-        k=args.k,
-        samplers=args.sampler,
-        sampler_options=parse_sampler_options(args.sampler_option),
-        batch_size=args.batch_size,
-        fid=not args.no_fid,
-        feature_net=args.feature_net,
-        kid=args.kid,
-        max_examples=args.max_examples,
-        fit_examples=args.fit_examples,
-        is_examples=args.is_examples,
-        smoothness_examples=args.smoothness_examples,
-        mi_examples=args.mi_examples,
-        threshold=args.threshold,
-        sq_err=args.sq_err,
-        dequantize=args.dequantize,
-        fid_repeats=args.fid_repeats,
-        fid_reconstruction=not args.no_fid_reconstruction,
-        seed=args.seed,
-        device=args.device,
-        data_root=args.data_root,
-        refit_samplers=args.refit_samplers,
-        write=not args.no_write,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    from arelbo.evalconfig import EvalConfig
+
+    result = evaluate_run(args.run_dir, EvalConfig.from_args(args), write=not args.no_write,
+                          progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps(result, indent=2))
     else:

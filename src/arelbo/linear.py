@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 from arelbo.models.vae import LinearVAE
 from arelbo.objectives import AREMA, GaussianVAELoss, LossOutput, gaussian_kl, neg_elbo_per_sample
 
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
-ACTIVE_THRESHOLD = 0.01  # unit j is active iff Var_x(E_q[z_j]) > 0.01 (docs/method.md, section 4)
+ACTIVE_THRESHOLD = ACTIVE_UNIT_THRESHOLD  # unit j is active iff Var_x(E_q[z_j]) > 0.01 (docs/method.md, section 4)
 
 
 def _as_numpy(a) -> np.ndarray:

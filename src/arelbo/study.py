@@ -386,34 +386,23 @@ class EvalOptions:
             out["gmm"] = {"components_grid": sorted({int(k) for k in self.gmm_grid})}
         return out
 
+    def eval_config(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu"):
+        """The :class:`arelbo.evalconfig.EvalConfig` of one run's evaluation: the fields both have (by name),
+        the checkpoint, the samplers and their options."""
+        from dataclasses import fields
+
+        from arelbo.evalconfig import EvalConfig
+
+        shared = {f.name for f in fields(self)} & {f.name for f in fields(EvalConfig)}
+        return EvalConfig(**{name: getattr(self, name) for name in shared}, which=which or self.checkpoint,
+                          device=device, samplers=list(samplers), sampler_options=self.sampler_options(samplers))
+
     def evaluate_kwargs(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> dict:
-        return dict(which=which or self.checkpoint, device=device, split=self.split, n_samples=self.n_samples, k=self.k,
-                    samplers=list(samplers), sampler_options=self.sampler_options(samplers),
-                    batch_size=self.batch_size, fid=self.fid, max_examples=self.max_examples,
-                    is_examples=self.is_examples, smoothness_examples=self.smoothness_examples,
-                    mi_examples=self.mi_examples, seed=self.seed, dequantize=self.dequantize,
-                    fid_repeats=self.fid_repeats, fid_reconstruction=self.fid_reconstruction)
+        return self.eval_config(samplers, which, device).to_dict()
 
     def cli_args(self, samplers: Sequence[str], which: str | None = None, device: str = "cpu") -> list[str]:
         """The same request as ``arelbo eval`` arguments (for --jobs subprocesses)."""
-        args = ["--which", which or self.checkpoint, "--device", device, "--split", self.split, "--n-samples", str(self.n_samples),
-                "--k", str(self.k), "--is-examples", str(self.is_examples),
-                "--smoothness-examples", str(self.smoothness_examples), "--mi-examples", str(self.mi_examples),
-                "--sampler", ",".join(samplers), "--batch-size", str(self.batch_size), "--seed", str(self.seed),
-                "--no-progress"]
-        if self.max_examples is not None:
-            args += ["--max-examples", str(self.max_examples)]
-        if not self.fid:
-            args.append("--no-fid")
-        if self.dequantize:
-            args.append("--dequantize")
-        if self.fid_repeats != 1:
-            args += ["--fid-repeats", str(self.fid_repeats)]
-        if not self.fid_reconstruction:
-            args.append("--no-fid-reconstruction")
-        for name, opts in self.sampler_options(samplers).items():
-            args += [item for k, v in opts.items() for item in ("--sampler-option", f"{name}.{k}={v}")]
-        return args
+        return [*self.eval_config(samplers, which, device).cli_args(), "--no-progress"]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from arelbo import runs
 from arelbo.config import ConfigError, RunConfig
+from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 from arelbo.models import build_model
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
     "benchmark_steps",
 ]
 
-ACTIVE_UNIT_THRESHOLD = 0.01
 RUN_DIR_ENV = "ARELBO_RUN_DIR"  # lets processes re-launched by the "ddp" strategy find their run directory
 
 

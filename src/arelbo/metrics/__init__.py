@@ -4,6 +4,7 @@ Plain list of imports; each part appends its own line(s).
 """
 
 from arelbo.metrics.collapse import (
+    ACTIVE_UNIT_THRESHOLD,
     ActiveUnits,
     RunningMoments,
     active_units,

@@ -9,7 +9,8 @@ over an evaluation set; ``model`` is an :class:`arelbo.models.VAE` (anything wit
 
 What is measured (method.md section 4):
 
-- active units (Burda et al. 2016): unit j is active iff Var_x(E_q[z_j]) = Var_x(mu_j) > threshold (0.01);
+- active units (Burda et al. 2016): unit j is active iff Var_x(E_q[z_j]) = Var_x(mu_j) > threshold
+  (:data:`ACTIVE_UNIT_THRESHOLD`, 0.01);
 - KL per latent dimension: the data mean of KL(q(z_j|x) || N(0, 1));
 - mutual information I(x; z) under the aggregate posterior (estimator and bias in :func:`mutual_information`);
 - decoder smoothness: the data mean of ||df/dz_j|| at the posterior means, one value per latent dimension;
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
     "ActiveUnits",
     "RunningMoments",
     "active_units",
@@ -40,6 +42,8 @@ __all__ = [
     "ar_sigma2",
     "iterate_batches",
 ]
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # unit j is active iff Var_x(E_q[z_j]) > this (Burda et al. 2016); used everywhere
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -178,7 +182,7 @@ def _active(variance: Tensor, threshold: float) -> ActiveUnits:
     return ActiveUnits(int(mask.sum()), mask, variance, float(threshold))
 
 
-def active_units(mu: Tensor, threshold: float = 0.01, unbiased: bool = False) -> ActiveUnits:
+def active_units(mu: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD, unbiased: bool = False) -> ActiveUnits:
     """Active units of posterior means ``mu`` (N, q): unit j is active iff Var_x(mu_j) > ``threshold``.
 
     The variance is over the N examples, divided by N (``unbiased=True``: by N - 1), computed in float64.
@@ -193,7 +197,7 @@ def active_units(mu: Tensor, threshold: float = 0.01, unbiased: bool = False) ->
 def active_units_from_loader(
     model,
     loader: Iterable,
-    threshold: float = 0.01,
+    threshold: float = ACTIVE_UNIT_THRESHOLD,
     unbiased: bool = False,
     max_examples: int | None = None,
     progress: bool | str = False,
