@@ -246,6 +246,6 @@ def test_study_samplers_for_every_policy_judged_on_validation(tmp_path):
     add_arguments(parser)
     ns = parser.parse_args(["RUN", *plan.eval.cli_args(plan.runs[0].samplers)])
     kw = plan.eval.evaluate_kwargs(plan.runs[0].samplers)
-    assert parse_sampler_options(ns.sampler_option) == kw["sampler_options"] and ns.fid_repeats == 2
+    assert parse_sampler_options(ns.sampler_options) == kw["sampler_options"] and ns.fid_repeats == 2
     with pytest.raises(S.StudyError, match="gmm-grid"):
         S.plan_study("ar", "0", tmp_path / "x", preset="linear-gaussian", eval_options={"gmm_grid": (0,)})
