@@ -171,7 +171,12 @@ def test_demo_small(tmp_path, capsys):
     for word in ("AR-ELBO (ar)", "fixed sigma^2 = 1", "MSE", "KL", "active units", "final sigma^2", "bits/dim"):
         assert word in summary and word in out
     grid = Image.open(tmp_path / "demo" / "samples.png")
-    assert grid.size[0] > 2 * grid.size[1] * 0.8  # two grids side by side
+    assert grid.size[0] > 3 * grid.size[1] * 0.8  # three grids side by side: ar prior, ar GMM, sigma^2 = 1 prior
+    # AR-ELBO's GMM sampler: fitted on its training codes, saved where `arelbo sample --sampler gmm` finds it
+    assert rows[0]["gmm"]["num_codes"] == 256 and "Gaussian mixture" in summary and "--sampler gmm" in summary
+    assert arelbo("sample", tmp_path / "demo" / "ar", "--sampler", "gmm", "--checkpoint", "last", "--n", "4",
+                  "--out", tmp_path / "g.png") == 0
+    assert Image.open(tmp_path / "g.png").size[0] > 0
     for folder in ("ar", "fixed-sigma2-1"):
         runs.load_model(tmp_path / "demo" / folder)
     with pytest.raises(FileExistsError, match="--overwrite"):
