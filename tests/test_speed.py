@@ -220,6 +220,14 @@ def test_nan_stop_names_the_first_bad_step_and_keeps_the_last_finite_checkpoint(
     assert [r["epoch"] for r in _records(run_dir, "val")] == [0]  # epoch 1's NaN state was never validated
 
 
+def test_nan_before_a_snapshot_step_writes_no_snapshot(tmp_path, splits):
+    run_dir = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="at global step 13 .*detected at step 15"):
+        fit(tiny("train.epochs=3", "train.log_every_n_steps=50", "train.snapshot_steps=[12, 15]"), run_dir,
+            splits=splits, progress=False, callbacks=[PoisonBatch(13)])
+    assert sorted(p.name for p in (run_dir / runs.CHECKPOINT_DIR).iterdir()) == ["best.pt", "last.pt", "step-12.pt"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Device-resident and memory-mapped data
 
@@ -264,6 +272,9 @@ def test_memory_mapped_folder_matches_and_trains_identically(tmp_path, image_fol
     half = fit(tiny_conv("train.epochs=1"), tmp_path / "half", splits=again, progress=False)
     resume(half, ["train.epochs=2"], splits=again, progress=False)
     _assert_same_state(_params(plain), _params(half))
+    # streamed by worker processes (each maps the file and drops its pages per batch): the same batches in order
+    workers = fit(tiny_conv("train.num_workers=2"), tmp_path / "workers", splits=again, progress=False)
+    _assert_same_state(_params(plain), _params(workers))
 
 
 def test_memory_mapped_refuses_without_a_writable_cache(tmp_path, image_folder, monkeypatch):

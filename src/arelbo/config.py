@@ -301,7 +301,7 @@ class TrainConfig(_Section):
     accelerator: str = "auto"  # auto | cpu | gpu
     strategy: str = "auto"  # auto (ddp_spawn when devices > 1) | ddp (script launch, e.g. torchrun) | ddp_spawn
     sync_batchnorm: bool = False  # devices > 1 on GPUs: batch-norm statistics over the global batch
-    num_workers: int = 0  # DataLoader workers (the data are in memory: 0 is usually fastest)
+    num_workers: int = 0  # DataLoader workers (in-memory data: 0 is fastest; memory-mapped data: a few read ahead)
     data_on_device: Optional[bool] = None  # copy in-memory data to the accelerator once (None: on GPUs, if it fits)
     channels_last: bool = False  # conv nets: channels-last memory format (often faster convolutions on GPUs)
     compile: bool = False  # torch.compile the encoder and decoder (pays a compile time at the start)
