@@ -15,7 +15,8 @@ What it measures (medians of repeats, after warm-up steps; on CUDA every timing 
   sizes, float32 and bf16 autocast, with FLOPs per step (``torch.utils.flop_counter``) and the fraction of the
   matching peak (float32 steps against the float32 peak, bf16 steps against the bf16 peak).
 * ``pipeline``: images/s of the real training pipeline (``arelbo.train``: Lightning loop, logging, NaN guard,
-  data loading) at each preset's batch size, float32 and bf16, and its ratio to the bare step.
+  data loading) at each preset's batch size, float32 and bf16, and its ratio to the bare step; on an accelerator
+  also ``celeba64-conv`` bf16 with ``train.data_on_device=false`` (a host-to-device copy per batch) for comparison.
 * ``switches``: ``train.channels_last`` and ``train.compile`` (torch.compile) on the bare ``celeba64-conv`` step.
 * ``celeba_epoch``: seconds for one epoch of CelebA's 162,770 training images, extrapolated from the measured
   images/s (pipeline and bare, both precisions).
@@ -176,13 +177,15 @@ def generated_splits(preset: str, n_train: int, seed: int = 0) -> Splits:
                   test=x[n_train + n_val:])
 
 
-def pipeline_seconds(preset: str, device: torch.device, precision: str, steps: int, warmup: int) -> float:
+def pipeline_seconds(preset: str, device: torch.device, precision: str, steps: int, warmup: int,
+                     **train: object) -> float:
     from arelbo.config import RunConfig
     from arelbo.train import benchmark_steps
 
     d = load_config(preset=preset).to_dict()
     d["train"]["precision"] = "bf16-mixed" if precision == "bf16" else "32"
     d["train"]["accelerator"] = "gpu" if device.type == "cuda" else "cpu"
+    d["train"].update(train)
     cfg = RunConfig.from_dict(d)
     splits = generated_splits(preset, cfg.data.batch_size * (steps + warmup + 1))
     return benchmark_steps(cfg, splits, steps, warmup=warmup)
@@ -302,6 +305,22 @@ def main(argv=None) -> dict:
             pipeline.append(row)
             log(f"pipeline {preset} bs={bs} {precision}: {row['images_per_s']:.0f} img/s"
                 + (f" ({row['pipeline_vs_bare']:.3f} of bare)" if ref else ""))
+    if device.type != "cpu":  # what device-resident data save: the same run copying each batch from the host
+        preset, precision = "celeba64-conv", "bf16"
+        if elapsed() > 0.5 * budget:
+            results["skipped"].append("pipeline with train.data_on_device=false (time budget)")
+        else:
+            s = pipeline_seconds(preset, device, precision, plan["pipeline_steps"], plan["warmup"],
+                                 data_on_device=False)
+            bs = load_config(preset=preset).data.batch_size
+            row = {"preset": preset, "batch_size": bs, "precision": precision, "data_on_device": False,
+                   "images_per_s": bs / s, "ms_per_step": 1e3 * s}
+            resident = [r for r in pipeline if (r["preset"], r["precision"]) == (preset, precision)]
+            if resident:
+                row["resident_speedup"] = resident[0]["images_per_s"] / row["images_per_s"]
+            pipeline.append(row)
+            log(f"pipeline {preset} bs={bs} {precision} data_on_device=false: {row['images_per_s']:.0f} img/s"
+                + (f" (resident data: x{row['resident_speedup']:.3f})" if resident else ""))
     results["pipeline"] = pipeline
 
     # ---- optional speed switches on the CelebA net
@@ -336,7 +355,7 @@ def main(argv=None) -> dict:
     # ---- one CelebA epoch, extrapolated
     epoch = {}
     for row in pipeline:
-        if row["preset"] == "celeba64-conv":
+        if row["preset"] == "celeba64-conv" and row.get("data_on_device", True):
             epoch[f"pipeline_bs{row['batch_size']}_{row['precision']}_s"] = CELEBA_TRAIN_IMAGES / row["images_per_s"]
     for precision in ("fp32", "bf16"):
         rows = [r for r in bare if r["preset"] == "celeba64-conv" and r["precision"] == precision]
