@@ -300,13 +300,14 @@ class TrainConfig(_Section):
     devices: int = 1  # processes (CPU) or GPUs; > 1 is data-parallel (DDP, gloo on CPU, nccl on GPU)
     accelerator: str = "auto"  # auto | cpu | gpu
     strategy: str = "auto"  # auto (ddp_spawn when devices > 1) | ddp (script launch, e.g. torchrun) | ddp_spawn
-    sync_batchnorm: bool = False  # devices > 1 on GPUs: batch-norm statistics over the global batch
+    sync_batchnorm: bool = True  # devices > 1: batch-norm statistics of the global batch (= one process); false: per process
     num_workers: int = 0  # DataLoader workers (in-memory data: 0 is fastest; memory-mapped data: a few read ahead)
     data_on_device: Optional[bool] = None  # copy in-memory data to the accelerator once (None: on GPUs, if it fits)
     channels_last: bool = False  # conv nets: channels-last memory format (often faster convolutions on GPUs)
     compile: bool = False  # torch.compile the encoder and decoder (pays a compile time at the start)
     log_every_n_steps: int = 50  # training-step records in metrics.jsonl and TensorBoard
     checkpoint_every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always at the end)
+    checkpoint_every_n_steps: Optional[int] = 1000  # also every N optimiser steps (a killed run loses < N); null: off
     save_best: bool = True  # keep checkpoints/best.pt, the lowest validation -ELBO
     snapshot_steps: list[int] = field(default_factory=list)  # also keep checkpoints/step-<N>.pt at these steps
     limit_train_batches: Optional[Union[int, float]] = None  # int: batches per epoch; float: fraction
@@ -321,7 +322,9 @@ class TrainConfig(_Section):
         self._choice("strategy", STRATEGIES)
         self._positive("epochs", "lr", "devices", "log_every_n_steps", "checkpoint_every_n_epochs")
         self._positive("weight_decay", "warmup_steps", "num_workers", "n_samples", allow_zero=True)
-        self._positive("max_steps", "grad_clip")
+        self._positive("max_steps", "grad_clip", "checkpoint_every_n_steps")
+        if self.seed < 0:
+            raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
         self._positive("limit_train_batches", "limit_val_batches", allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
@@ -354,6 +357,10 @@ class RunConfig:
                 raise ConfigError(f"{key} must be a {cls.__name__} section")
         self.out_dir = _coerce(self.out_dir, str, "out_dir")
         self.name = _coerce(self.name, Optional[str], "name")
+        if not self.out_dir.strip():
+            raise ConfigError("out_dir must not be empty (use . for the current directory)")
+        if self.name is not None and (self.name.strip() in ("", ".", "..") or "/" in self.name or "\\" in self.name):
+            raise ConfigError(f"name {self.name!r} must be a plain folder name inside out_dir (no '/', '..' or '')")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-able, weights_only-safe); ``from_dict(to_dict(c)) == c``."""

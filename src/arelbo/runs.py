@@ -11,6 +11,7 @@ so anything that consumes a run needs only its directory, and a checkpoint can n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -21,6 +22,11 @@ import torch
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+
+
+class RunInUseError(ValueError):
+    """Another process is training in this run directory (the message names it)."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -63,7 +69,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated, overwritten, or a pickle that is more than tensors: never load it
+        raise ValueError(
+            f"checkpoint {path} is damaged or not an arelbo checkpoint ({type(err).__name__}); it was not loaded. "
+            f"Use another checkpoint of the run (e.g. copy {CHECKPOINT_DIR}/best.pt over last.pt to resume from "
+            f"there) or train the run again"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not an arelbo checkpoint (expected a dict with 'model' and 'config')")
     if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
@@ -72,13 +85,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
-    """``which``: "best", "last", or a file name / path inside ``checkpoints/``."""
+    """``which``: "best", "last", or a file name (``step-500.pt``), always looked up in the run's
+    ``checkpoints/`` only, never in the working directory; a path with a folder part (``./x.pt``,
+    ``/data/x.pt``) is taken as that explicit path."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    candidate = Path(which)
-    if candidate.suffix == ".pt" and candidate.is_file():
+    which = str(which)
+    if not which:
+        raise ValueError("empty checkpoint name: use best, last, or a file in checkpoints/")
+    if os.sep in which or (os.altsep and os.altsep in which):
+        candidate = Path(which)
+        if not candidate.is_file():
+            raise FileNotFoundError(f"no checkpoint file {candidate}")
         return candidate
+    if which in (".", ".."):
+        raise ValueError(f"{which!r} is not a checkpoint name: use best, last, or a file in checkpoints/")
     name = which if which.endswith(".pt") else f"{which}.pt"
     path = run_dir / CHECKPOINT_DIR / name
     if not path.is_file() and which == "best":
@@ -107,6 +129,43 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", map_location="cp
     return model.eval(), loss_fn.eval(), ckpt
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold ``run_dir``'s lock for the duration: one training process per run directory. The lock file names
+    its holder (pid, host, start time) for the error another process gets; the operating system releases the
+    lock when the holder exits, however it exits (kill -9 included). Without ``fcntl`` (Windows) no lock."""
+    import socket
+    from datetime import datetime
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    run_dir = Path(run_dir)
+    f = os.fdopen(os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = f.read().strip() or "another process"
+            raise RunInUseError(
+                f"{run_dir} is in use by {holder}: wait until it ends (or stop it) before training or resuming "
+                f"this run"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {datetime.now().isoformat(timespec='seconds')})\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+    finally:
+        f.close()
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """One JSON object per line; appended and flushed so a killed run keeps every line it logged."""
     with open(path, "a", encoding="utf-8") as f:
@@ -115,8 +174,21 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. An unterminated last line that is not valid JSON is what a process
+    killed during an append leaves: it is skipped. Any other bad line is an error naming the file and line."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # no newline after it: a partial write
+                break
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({err.msg}); repair or delete that line") from None
+    return records
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ class EpochSampler(Sampler[int]):
         self.n, self.global_batch, self.shuffle, self.seed = int(n), int(global_batch), bool(shuffle), int(seed)
         self.drop_last, self.rank, self.world = bool(drop_last), int(rank), int(world)
         self.epoch = 0
+        self.skip_batches = 0  # batches of the next epoch already trained on (mid-epoch resume); used once
+
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
         self.epoch = int(epoch)
@@ -116,15 +118,17 @@ class EpochSampler(Sampler[int]):
         return sum(self._batch_sizes()) // self.world
 
     def __iter__(self):
+        skip, self.skip_batches = self.skip_batches, 0
         if self.shuffle:
             g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()  # host indices, read once per epoch
         else:
             order = range(self.n)
         start = 0
-        for size in self._batch_sizes():
+        for i, size in enumerate(self._batch_sizes()):
             local = size // self.world
-            yield from order[start + self.rank * local : start + (self.rank + 1) * local]
+            if i >= skip:
+                yield from order[start + self.rank * local : start + (self.rank + 1) * local]
             start += size
 
 
@@ -148,6 +152,56 @@ def load_splits(cfg: RunConfig):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Batch norm over the global batch (any backend, CPU included)
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the global batch across all processes, on any device
+    and backend (``torch.nn.SyncBatchNorm`` runs on GPUs only): N processes then compute what one process
+    computes on the whole batch. Differentiable all-reduces carry the gradient through the shared statistics.
+    Same parameters and buffers as the layer it replaces, so checkpoints are interchangeable."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * dist.get_world_size()  # every process holds an equal share
+        mean = all_reduce(x.sum(dims)) / count
+        centred = x - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / count
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1, 1)), alpha=m)
+        return y
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every BatchNorm1d/2d/3d replaced by a :class:`GlobalBatchNorm` holding the same tensors."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new.to(next(iter(module.state_dict().values()), torch.empty(0)).device)
+    for name, child in module.named_children():
+        module.add_module(name, convert_batchnorm(child))
+    return module
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The Lightning module
 
 
@@ -167,6 +221,8 @@ class VAEModule(pl.LightningModule):
         self.num_elements = math.prod(self.data_shape)
         self.last_val: dict[str, Any] | None = None
         self._resume_rng: dict | None = None
+        self._resuming = False
+        self._resume_skip = 0  # batches of the interrupted epoch already trained on (a mid-epoch checkpoint)
         self._val_acc = None  # arelbo.metrics.ELBOAccumulator during validation
         self._val_mu: Tensor | None = None
         self._val_eps: Tensor | None = None
@@ -189,6 +245,8 @@ class VAEModule(pl.LightningModule):
             self.splits = load_splits(self.cfg)
         if tuple(self.splits.shape) != self.data_shape:
             raise ValueError(f"data shape {tuple(self.splits.shape)} differs from the model's {self.data_shape}")
+        if stage == "fit" and self.trainer.world_size > 1 and self.cfg.train.sync_batchnorm:
+            self.model = convert_batchnorm(self.model)
 
     def configure_model(self) -> None:
         t = self.cfg.train
@@ -252,6 +310,7 @@ class VAEModule(pl.LightningModule):
         d, t = self.cfg.data, self.cfg.train
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = EpochSampler(len(self.splits.train), d.batch_size, d.shuffle, t.seed, d.drop_last, rank, world)
+        sampler.skip_batches, self._resume_skip = self._resume_skip, 0
         if len(sampler) == 0:
             raise ConfigError(
                 f"the training split has {len(self.splits.train)} samples, fewer than one batch of "
@@ -382,6 +441,31 @@ class VAEModule(pl.LightningModule):
             f"{self.cfg.objective.policy!r}: training stopped{late}{where}"
         )
 
+    @torch.no_grad()
+    def state_is_finite(self) -> bool:
+        """Whether the current state may become a checkpoint: every parameter, buffer and optimiser tensor is
+        finite and the model encodes and decodes a few validation (else training) examples to finite values
+        (finite weights can still overflow, e.g. a posterior log-variance of 587)."""
+        tensors = [*self.model.state_dict().values(), *self.loss_fn.state_dict().values()]
+        for opt in self.trainer.optimizers if self._trainer is not None else ():
+            tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            return False
+        from arelbo.data import ImageTensorDataset
+
+        data = self.splits.val if len(self.splits.val) else self.splits.train
+        x = ImageTensorDataset(data).__getitems__(list(range(min(16, len(data))))).to(self.device)
+        g = torch.Generator().manual_seed(_seed_for(self.cfg.train.seed, 4))  # never the global RNG
+        training = self.model.training
+        self.model.eval()
+        try:
+            mu, logvar = self.model.encode(x)
+            std = (0.5 * logvar).exp()
+            x_hat = self.model.decode(mu + torch.randn(mu.shape, generator=g).to(mu) * std)
+        finally:
+            self.model.train(training)
+        return all(bool(torch.isfinite(t).all()) for t in (mu, logvar, std, x_hat))
+
     def _write(self, split: str, record: dict[str, Any]) -> None:
         """One record into metrics.jsonl and TensorBoard (process 0 only)."""
         if not self.trainer.is_global_zero:
@@ -397,20 +481,42 @@ class VAEModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         # Every process starts the noise stream from the same point, whatever happened before (model init in
-        # one process, a re-seed in spawned ones); a resumed run replaces it with the saved state below.
-        if self._resume_rng is None:
+        # one process, a re-seed in spawned ones); a resumed run replaces it with the saved state at its first step.
+        if not self._resuming:
             import random
 
             seed = _seed_for(self.cfg.train.seed, 3)
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
             random.seed(seed)
+        else:
+            self._apply_optimizer_settings()
+
+    def _apply_optimizer_settings(self) -> None:
+        """Put the config's lr, betas and weight decay into the restored optimiser (and lr schedule), so that a
+        resume with ``--set train.lr=...`` trains with what config.yaml says. Unchanged values are set to what
+        they already are (bit for bit: the schedule's own formula), so an exact resume stays exact."""
+        t = self.cfg.train
+        optimizer = self.trainer.optimizers[0]
+        configs = self.trainer.lr_scheduler_configs
+        scheduler = configs[0].scheduler if configs else None
+        for i, group in enumerate(optimizer.param_groups):
+            group["betas"] = tuple(t.betas)
+            if i == 0:  # the model's weights (the objective's parameters are never decayed)
+                group["weight_decay"] = t.weight_decay
+            if scheduler is None:
+                group["lr"] = t.lr
+            else:
+                scheduler.base_lrs[i] = group["initial_lr"] = t.lr
+                group["lr"] = t.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self._resume_rng is not None:  # the first step after a resume continues the saved generators
+            runs.set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     def on_train_epoch_start(self) -> None:
         self.last_val = None
-        if self._resume_rng is not None:  # the first epoch after a resume starts from the saved generators
-            runs.set_rng_state(self._resume_rng)
-            self._resume_rng = None
 
     def on_validation_epoch_start(self) -> None:
         self.check_finite()  # never validate (or then checkpoint) a state a non-finite step produced
@@ -465,6 +571,14 @@ class VAEModule(pl.LightningModule):
             "var_mu": [float(v) for v in var_mu.tolist()],
             "n": int(n),
         }
+        if not all(math.isfinite(v) for v in (nelbo, distortion, kl, s2)):
+            last = self.run_dir / runs.CHECKPOINT_DIR / "last.pt" if self.run_dir else None
+            where = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+            raise NonFiniteLossError(
+                f"non-finite validation -ELBO ({nelbo}) after global step {self.global_step} (epoch "
+                f"{self.current_epoch}) with policy {self.cfg.objective.policy!r}: the model diverged; training "
+                f"stopped{where}"
+            )
         self.last_val = record
         self._write("val", record)
         # already global values: the sync only keeps Lightning's epoch-level bookkeeping consistent
@@ -482,6 +596,10 @@ class VAEModule(pl.LightningModule):
         checkpoint["policy"] = self.cfg.objective.policy
         checkpoint["rng"] = runs.rng_state()
         checkpoint["val"] = self.last_val
+        # batches of the current epoch done: > 0 for a checkpoint written right after a step (between the
+        # step's processing and its completion in Lightning's count); 0 at an epoch end, where the next starts
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        checkpoint["epoch_batches_done"] = int(progress.processed) if progress.processed > progress.completed else 0
         checkpoint["saved_at"] = datetime.now().isoformat(timespec="seconds")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -491,6 +609,8 @@ class VAEModule(pl.LightningModule):
                 **{f"loss_fn.{k}": v for k, v in checkpoint.get("objective", {}).items()},
             }
         self._resume_rng = checkpoint.get("rng")
+        self._resuming = True
+        self._resume_skip = int(checkpoint.get("epoch_batches_done", 0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -519,14 +639,22 @@ class RunCheckpointIO(CheckpointIO):
 
 
 class RunCheckpoint(Checkpoint):
-    """``last.pt`` every N epochs and at the end, ``best.pt`` (a copy) when validation -ELBO improves."""
+    """``last.pt`` every N epochs, every M steps and at the end, ``best.pt`` (a copy) when validation -ELBO
+    improves. A checkpoint is written only from a finite state (:meth:`VAEModule.state_is_finite`); otherwise
+    training stops with :class:`NonFiniteLossError` and the previous checkpoint stays the last good one.
 
-    def __init__(self, run_dir, every_n_epochs: int = 1, save_best: bool = True):
+    A step checkpoint is written right after its optimiser step (Lightning resumes such a state mid-epoch; the
+    module records how many batches of the epoch are done so the data order continues at the next unseen
+    batch). One due on the last batch of an epoch is written at the epoch end instead, after validation."""
+
+    def __init__(self, run_dir, every_n_epochs: int = 1, save_best: bool = True, every_n_steps: int | None = None):
         self.dir = Path(run_dir) / runs.CHECKPOINT_DIR
         self.every_n_epochs, self.save_best = int(every_n_epochs), bool(save_best)
+        self.every_n_steps = every_n_steps
         self.best: float | None = None
         self.best_epoch: int | None = None
         self._saved_step: int | None = None
+        self._pending = False  # a step checkpoint fell on an epoch's last batch: write it at the epoch end
 
     @property
     def state_key(self) -> str:
@@ -538,26 +666,47 @@ class RunCheckpoint(Checkpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_epoch = state_dict.get("best"), state_dict.get("best_epoch")
 
-    def _save(self, trainer: pl.Trainer, best: bool) -> None:
-        trainer.lightning_module.check_finite()  # only a finite state is ever written
+    def _save(self, trainer: pl.Trainer, module: VAEModule, best: bool) -> None:
+        module.check_finite()  # no state a non-finite step produced
+        if not module.state_is_finite():
+            last = self.dir / "last.pt"
+            where = f"; the last good checkpoint is {last}" if last.is_file() else "; no checkpoint was written"
+            raise NonFiniteLossError(
+                f"non-finite model state at global step {trainer.global_step} (epoch {trainer.current_epoch}) with "
+                f"policy {module.cfg.objective.policy!r}: the model diverged; training stopped{where}"
+            )
         last = self.dir / "last.pt"
         trainer.save_checkpoint(last, weights_only=False)  # every process dumps; process 0 writes; then a barrier
         self._saved_step = trainer.global_step
+        self._pending = False
         if best and trainer.is_global_zero:
             runs.atomic_write_bytes(self.dir / "best.pt", last.read_bytes())
 
+    def on_train_batch_end(self, trainer: pl.Trainer, module: VAEModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = bool(self.every_n_steps) and step % self.every_n_steps == 0
+        due = due or (trainer.max_steps not in (None, -1) and step >= trainer.max_steps)
+        if not due:
+            return
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._pending = True
+        else:
+            self._save(trainer, module, best=False)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, module: VAEModule) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.current.completed < trainer.num_training_batches:
+            return  # stopped mid-epoch (max_steps): its step checkpoint is already written
         metric = None if module.last_val is None else module.last_val["neg_elbo"]
         improved = metric is not None and math.isfinite(metric) and (self.best is None or metric < self.best)
         if improved:
             self.best, self.best_epoch = float(metric), int(trainer.current_epoch)
-        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        due = (trainer.current_epoch + 1) % self.every_n_epochs == 0 or self._pending
         if due or (improved and self.save_best):
-            self._save(trainer, best=improved and self.save_best)
+            self._save(trainer, module, best=improved and self.save_best)
 
     def on_train_end(self, trainer: pl.Trainer, module: VAEModule) -> None:
         if self._saved_step != trainer.global_step:
-            self._save(trainer, best=False)
+            self._save(trainer, module, best=False)
 
 
 class SnapshotCheckpoint(pl.Callback):
@@ -582,20 +731,94 @@ class SnapshotCheckpoint(pl.Callback):
 
 def new_run_dir(cfg: RunConfig, out=None, prefix: str | None = None) -> Path:
     """Decide the run directory (``out``, else ``cfg.out_dir/cfg.name`` with a generated name) and record it in
-    ``cfg.out_dir``/``cfg.name``. A directory that already holds a run is an error (resume it instead)."""
+    ``cfg.out_dir``/``cfg.name``. Refused: an empty ``out``, a directory that already holds a run with a
+    checkpoint (resume it instead), an existing directory of other files (see :func:`check_run_dir`)."""
     if out is not None:
+        if not str(out).strip():
+            raise ConfigError("--out is empty: give the run directory to create")
         run_dir = Path(out)
+        if run_dir.name in ("", ".", ".."):
+            run_dir = run_dir.resolve()
     else:
         if cfg.name is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             cfg.name = f"{prefix or cfg.data.name}-{cfg.objective.policy}-{stamp}"
         run_dir = Path(cfg.out_dir) / cfg.name
     cfg.out_dir, cfg.name = str(run_dir.parent), run_dir.name
-    if (run_dir / "config.yaml").exists() or (run_dir / runs.CHECKPOINT_DIR).exists():
+    check_run_dir(run_dir)
+    return run_dir
+
+
+# What a run writes before its first checkpoint: removed when a run that died before it is started again.
+_EARLY_FILES = ("config.yaml", "metrics.jsonl", "samples.png")
+_EARLY_DIRS = ("tensorboard", runs.CHECKPOINT_DIR)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / runs.CHECKPOINT_DIR).glob("*.pt"))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Whether a new run may start in ``run_dir``: a missing or empty directory, or a run that stopped before
+    its first checkpoint (it is started again). A run with a checkpoint and a directory of other files are
+    refused (FileExistsError), so neither a run nor the user's files are overwritten."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise FileExistsError(f"{run_dir} exists and is not a directory; choose another --out")
+    if _has_checkpoint(run_dir):
         raise FileExistsError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out"
         )
-    return run_dir
+    if (run_dir / "config.yaml").is_file():
+        return  # a run that died before its first checkpoint: nothing in it to keep
+    others = sorted(p.name for p in run_dir.iterdir() if p.name != runs.LOCK_FILE)
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FileExistsError(
+            f"{run_dir} is an existing directory that is not a run (it holds {shown}); choose a new or empty "
+            f"directory for --out"
+        )
+
+
+def _clear_early_files(run_dir: Path) -> None:
+    import shutil
+
+    for name in _EARLY_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in _EARLY_DIRS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def check_environment(cfg: RunConfig) -> None:
+    """Settings that depend on this machine, checked before anything is written."""
+    t = cfg.train
+    _check_precision(t)
+    if t.accelerator == "gpu":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ConfigError("train.accelerator=gpu but no GPU is available here; use train.accelerator=cpu or auto")
+        if t.devices > available:
+            raise ConfigError(f"train.devices={t.devices} but only {available} GPU(s) are available")
+    if cfg.data.batch_size % t.devices:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be divisible by train.devices {t.devices}")
+
+
+def prepare(cfg: RunConfig, splits=None):
+    """Validate everything that can be validated before a run directory is created or changed: the machine,
+    the data (loaded here; returned), the model and objective (built once), the batch count."""
+    check_environment(cfg)
+    if splits is None:
+        splits = load_splits(cfg)
+    build_model(cfg.model, splits.shape)
+    cfg.objective.build()
+    d = cfg.data
+    if len(EpochSampler(len(splits.train), d.batch_size, d.shuffle, cfg.train.seed, d.drop_last)) == 0:
+        raise ConfigError(
+            f"the training split has {len(splits.train)} samples, fewer than one batch of "
+            f"data.batch_size={d.batch_size}; lower the batch size or set data.drop_last=false"
+        )
+    return splits
 
 
 def _strategy(t):
@@ -651,11 +874,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callback
         gradient_clip_algorithm="norm",
         log_every_n_steps=t.log_every_n_steps,
         num_sanity_val_steps=0,
-        sync_batchnorm=t.sync_batchnorm and t.devices > 1,
+        sync_batchnorm=False,  # VAEModule.setup converts batch norm itself (GlobalBatchNorm: any device)
         use_distributed_sampler=False,  # our samplers shard by (rank, world) themselves
         enable_progress_bar=progress,
         enable_model_summary=progress,
-        callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best),
+        callbacks=[RunCheckpoint(run_dir, t.checkpoint_every_n_epochs, t.save_best, t.checkpoint_every_n_steps),
                    *([SnapshotCheckpoint(run_dir, t.snapshot_steps)] if t.snapshot_steps else []),
                    *([_progress_bar()] if progress else []), *callbacks],
         plugins=[RunCheckpointIO()],
@@ -673,6 +896,7 @@ def _quiet_lightning(progress: bool) -> None:
         ".*smaller than the logging interval.*",
         ".*GPU available but not used.*",
         ".*`isinstance.treespec, LeafSpec.` is deprecated.*",
+        ".*resuming from a checkpoint that ended before the epoch ended.*",  # ours resume mid-epoch exactly
     ):
         warnings.filterwarnings("ignore", pattern)
     if not progress:
@@ -748,6 +972,9 @@ def fit(cfg: RunConfig, run_dir=None, *, splits=None, progress: bool = True, cal
         prefix: str | None = None) -> Path:
     """Train a new run from ``cfg`` into ``run_dir`` (default: ``cfg.out_dir/cfg.name``); returns the run dir.
 
+    Everything that can be checked is checked before the directory is created (:func:`prepare`); a directory
+    left by a run that stopped before its first checkpoint is started again. The run directory is locked
+    while training (:func:`arelbo.runs.run_lock`).
     ``splits``: an already loaded :class:`arelbo.data.Splits` (else loaded from ``cfg.data``).
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run).
     """
@@ -755,49 +982,109 @@ def fit(cfg: RunConfig, run_dir=None, *, splits=None, progress: bool = True, cal
     if _is_launched_child():
         run_dir = Path(os.environ[RUN_DIR_ENV])
         return _run(RunConfig.load(run_dir / "config.yaml"), run_dir, splits, None, progress, callbacks)
+    splits = prepare(cfg, splits)
     run_dir = new_run_dir(cfg, run_dir, prefix)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    return _run(cfg, run_dir, splits, None, progress, callbacks)
+    with runs.run_lock(run_dir):
+        check_run_dir(run_dir)  # again, now that no other process can start here
+        _clear_early_files(run_dir)
+        cfg.save(run_dir / "config.yaml")
+        return _run(cfg, run_dir, splits, None, progress, callbacks)
 
 
-def _resume_path(run_dir: Path, must: bool = True) -> Path | None:
+def _resume_path(run_dir: Path) -> Path:
     path = run_dir / runs.CHECKPOINT_DIR / "last.pt"
     if not path.is_file():
-        if must:
-            raise FileNotFoundError(
-                f"nothing to resume in {run_dir}: no {runs.CHECKPOINT_DIR}/last.pt (the run stopped before its first "
-                f"checkpoint; start it again)"
-            )
-        return None
+        raise FileNotFoundError(
+            f"nothing to resume in {run_dir}: no {runs.CHECKPOINT_DIR}/last.pt (the run stopped before its first "
+            f"checkpoint); start it again with: arelbo train --config {run_dir / 'config.yaml'} --out {run_dir}"
+        )
     return path
 
 
 RESUMABLE_SECTIONS = ("train",)
+# train.* settings a resume cannot apply to the restored state, with the reason (the others are applied)
+NOT_RESUMABLE = {
+    "seed": "the data order and noise of the steps already taken came from it",
+    "optimizer": "the restored optimiser state belongs to the saved optimiser",
+    "precision": "the restored state (and loss scaling) was trained at the saved precision",
+}
+
+
+def training_finished(ckpt: dict, cfg: RunConfig) -> bool:
+    """Whether a checkpoint is the end of training for ``cfg``: max_steps reached or all epochs processed."""
+    step = int(ckpt.get("global_step", 0))
+    if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+        return True
+    try:
+        done = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
+    except (KeyError, TypeError):
+        done = int(ckpt.get("epoch", -1)) + 1
+    return done >= cfg.train.epochs
+
+
+def check_resume(saved: RunConfig, cfg: RunConfig, ckpt: dict, ckpt_path: Path) -> None:
+    """Refuse a resume that could not do what ``cfg`` says, before anything is written."""
+    for key, why in NOT_RESUMABLE.items():
+        old, new = getattr(saved.train, key), getattr(cfg.train, key)
+        if old != new:
+            raise ConfigError(f"--set train.{key}={new}: cannot change when resuming ({why}); the run keeps "
+                              f"{key}={old} (train a new run for another value)")
+    mid_epoch = int(ckpt.get("epoch_batches_done", 0)) > 0
+    if mid_epoch and saved.train.limit_train_batches != cfg.train.limit_train_batches:
+        raise ConfigError("train.limit_train_batches cannot change when resuming from a checkpoint in the middle of "
+                          "an epoch (the epoch's length is fixed); resume without it")
+    if training_finished(ckpt, cfg):
+        step = int(ckpt.get("global_step", 0))
+        raise ConfigError(
+            f"nothing to resume: {ckpt_path} is at step {step} (epoch {ckpt.get('epoch')}), already the end for "
+            f"train.epochs={cfg.train.epochs}, train.max_steps={cfg.train.max_steps}; raise train.epochs (or "
+            f"train.max_steps) to train further"
+        )
+
+
+class _StartResumed(pl.Callback):
+    """Record a resume once it really starts: the log forgets what came after the checkpoint, config.yaml
+    takes the resumed settings (process 0 only)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, step: int):
+        self.run_dir, self.cfg, self.step = Path(run_dir), cfg, int(step)
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self.cfg.save(self.run_dir / "config.yaml")
 
 
 def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: bool = True,
            callbacks: Sequence = ()) -> Path:
-    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` exactly where it stopped, to the configured
-    number of epochs. ``overrides`` (``train.*`` only, e.g. ``train.epochs=20``) change the saved config."""
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` exactly where it stopped (mid-epoch too),
+    to the configured number of epochs or steps. ``overrides`` (``train.*`` only, e.g. ``train.epochs=20``,
+    ``train.lr=1e-4``) are applied to the restored state, or refused (:data:`NOT_RESUMABLE`); config.yaml
+    changes only once the resumed training starts."""
     from arelbo.config import apply_overrides, parse_override
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
-    cfg = runs.read_config(run_dir)
+    saved = runs.read_config(run_dir)
     for text in overrides:
         path, _ = parse_override(text)
         if path[0] not in RESUMABLE_SECTIONS:
             raise ConfigError(f"--set {text}: only train.* settings may change when resuming a run")
-    if overrides:
-        cfg = RunConfig.from_dict(apply_overrides(cfg.to_dict(), overrides))
-    ckpt_path = _resume_path(run_dir)
-    ckpt = runs.load_checkpoint(ckpt_path)
-    step = int(ckpt.get("global_step", 0))
-    _truncate_metrics(run_dir / "metrics.jsonl", step)
-    cfg.save(run_dir / "config.yaml")
-    return _run(cfg, run_dir, splits, ckpt_path, progress, callbacks)
+    cfg = RunConfig.from_dict(apply_overrides(saved.to_dict(), overrides)) if overrides else saved
+    if _is_launched_child():  # a process the "ddp" launch started: the first process holds the lock and writes
+        return _run(cfg, run_dir, splits, _resume_path(run_dir), progress, callbacks)
+    with runs.run_lock(run_dir):
+        ckpt_path = _resume_path(run_dir)
+        ckpt = runs.load_checkpoint(ckpt_path)
+        check_resume(saved, cfg, ckpt, ckpt_path)
+        splits = prepare(cfg, splits)
+        if list(splits.shape) != list(ckpt.get("data_shape", splits.shape)):
+            raise ValueError(f"the data now have shape {tuple(splits.shape)}, the run was trained on "
+                             f"{tuple(ckpt['data_shape'])}: check data.root in {run_dir / 'config.yaml'}")
+        start = _StartResumed(run_dir, cfg, int(ckpt.get("global_step", 0)))
+        return _run(cfg, run_dir, splits, ckpt_path, progress, [start, *callbacks])
 
 
 class _StepTimer(pl.Callback):
@@ -847,10 +1134,19 @@ def benchmark_steps(cfg: RunConfig, splits, steps: int, warmup: int = 5) -> floa
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Forget records logged after the checkpoint (a killed run's tail), so the log is one consistent history."""
-    if not path.is_file():
-        return
-    keep = [r for r in runs.read_jsonl(path) if (r["step"] < step if r.get("split") == "train" else r["step"] <= step)]
+    """Forget records logged after the checkpoint (a killed run's tail, a partial last line), so the log is one
+    consistent history. Records without an integer ``step`` cannot be placed: they are kept."""
     import json
 
-    runs.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+    if not path.is_file():
+        return
+
+    def keep(r) -> bool:
+        s = r.get("step") if isinstance(r, dict) else None
+        if not isinstance(s, int) or isinstance(s, bool):
+            return True
+        return s < step if r.get("split") == "train" else s <= step
+
+    kept = [r for r in runs.read_jsonl(path) if keep(r)]
+
+    runs.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
