@@ -127,8 +127,8 @@ def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write
             sampler, extra = load_sampler(path)
             if extra.get("key") == key:
                 return sampler, {"source": "reused", "path": str(path), "fit_seconds": extra.get("fit_seconds")}
-        except (ValueError, RuntimeError, KeyError):
-            pass  # unreadable or stale: refit
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:  # damaged: say so, then refit
+            print(f"arelbo eval: {err}; fitting the {name!r} sampler again", file=sys.stderr)
     sampler = make_sampler(name, **options)
     t0 = time.perf_counter()
     sampler.fit(model, train_loader, max_examples=fit_examples, progress=progress and f"{name}: fitting",
@@ -597,7 +597,7 @@ def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Sam
         "arelbo_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
-        "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("step")),
+        "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("global_step")),
                        "epoch": _clean(ckpt.get("epoch")), "global_step": _clean(ckpt.get("global_step"))},
         "run": {"dataset": splits.name, "data_shape": list(splits.shape), "arch": cfg.get("model", {}).get("arch"),
                 "latent_dim": q, "policy": policy_name},

@@ -36,7 +36,10 @@ def fitted_sampler(run_dir, name: str, checkpoint: str = "best"):
     fit_it = f"`arelbo eval {run_dir} --which {checkpoint} --sampler {name}`"
     if not path.is_file():
         raise FileNotFoundError(f"no fitted {name!r} sampler in {path.parent}: fit one with {fit_it}")
-    sampler, extra = load_sampler(path)
+    try:
+        sampler, extra = load_sampler(path)
+    except ValueError as err:
+        raise ValueError(f"{err}: fit it again with {fit_it} --refit-samplers") from None
     key = extra.get("key") or {}
     if key.get("checkpoint_sha256") != sha256_file(ckpt):
         raise ValueError(f"{path} was fitted for checkpoint {key.get('checkpoint')!r} with other weights than "

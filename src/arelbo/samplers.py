@@ -515,7 +515,10 @@ def load_sampler(path: str | os.PathLike) -> tuple[LatentSampler, dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no sampler file at {path}")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or overwritten (or more than tensors): never loaded
+        raise ValueError(f"sampler file {path} is damaged ({type(err).__name__}) and was not loaded") from None
     if not isinstance(blob, dict) or "name" not in blob or "state" not in blob:
         raise ValueError(f"{path} is not an arelbo sampler file")
     if blob.get("format", 0) > SAMPLER_FORMAT:
