@@ -1,4 +1,5 @@
-"""`arelbo eval` / evaluate_run on tiny run directories made here with runs.save_checkpoint.
+"""`arelbo eval` / evaluate_run on tiny run directories made here by training a few steps (then, for the
+closed-form checks, given known weights).
 
 The main run is a linear VAE at the probabilistic-PCA optimum of the Gaussian dataset (method.md section 3:
 eigenvalues [5, 3, 1.5, 0.8, 0.5, 0.3, 0.2, 0.1], q = 4, sigma2 = 0.275), where every number has a closed form.
@@ -16,7 +17,7 @@ from arelbo.data import load_dataset
 from arelbo.evaluate import METRICS_FILE, evaluate_run, format_table
 from arelbo.metrics import linear_gaussian_nll
 from arelbo.models import LinearVAE, build_model
-from arelbo.runs import save_checkpoint
+from arelbo.runs import load_checkpoint, save_checkpoint
 
 EIGENVALUES = [5.0, 3.0, 1.5, 0.8, 0.5, 0.3, 0.2, 0.1]
 Q = 4
@@ -41,16 +42,31 @@ def ppca_optimum():
     return model, W, lam, splits
 
 
+TRAINED_STEPS = 2
+
+
 def make_run(path, model, objective=None, data=None, model_cfg=None):
+    """A run directory made by `arelbo.train.fit` (one epoch of TRAINED_STEPS steps: every file and checkpoint key
+    is the trainer's), whose checkpoints then get ``model``'s weights and a fresh objective state, so the
+    evaluation can be checked against closed forms (e.g. at the pPCA optimum). Again on the same ``path``: only
+    the weights change."""
+    from arelbo.config import RunConfig
+    from arelbo.train import fit
+
     cfg = {
         "data": data or {"name": "gaussian", "options": DATA_OPTIONS},
         "model": model_cfg or {"arch": "linear", "latent_dim": Q},
         "objective": objective or {"policy": "ar"},
     }
+    if not (path / "checkpoints" / "last.pt").is_file():
+        train = {"epochs": 1, "limit_train_batches": TRAINED_STEPS, "limit_val_batches": 1, "n_samples": 0,
+                 "schedule": "none", "log_every_n_steps": 1}
+        fit(RunConfig.from_dict({**cfg, "train": train}), path, progress=False)
     loss_fn = ObjectiveConfig(**cfg["objective"]).build()
-    shape = list(model.shape)
-    save_checkpoint(path / "checkpoints" / "best.pt",
-                    {"config": cfg, "data_shape": shape, "model": model.state_dict(), "objective": loss_fn.state_dict(), "step": 7})
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(path / "checkpoints" / name)
+        assert ckpt["data_shape"] == list(model.shape)
+        save_checkpoint(path / "checkpoints" / name, {**ckpt, "model": model.state_dict(), "objective": loss_fn.state_dict()})
     return path
 
 
@@ -75,7 +91,8 @@ def test_metrics_json_written_and_schema(linear_run):
     assert p["is_nll"]["k"] == 50 and p["is_nll"]["num_examples"] == 800
     assert set(p["samplers"]) == {"prior", "gmm", "two-stage"}
     assert p["samplers"]["gmm"]["config"]["n_components"] == 3 and p["samplers"]["gmm"]["fit_examples"] == 1500
-    assert result["checkpoint"]["step"] == 7 and result["run"]["policy"] == "ar"
+    assert result["checkpoint"]["step"] == TRAINED_STEPS and result["checkpoint"]["file"] == "best.pt"
+    assert result["run"]["policy"] == "ar"
     # FID on non-image data is skipped with the reason, for every sampler
     assert all("not images" in result["fid"][name]["skipped"] for name in ("prior", "gmm", "two-stage"))
     assert "active units" in format_table(result)

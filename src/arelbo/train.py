@@ -19,7 +19,8 @@ This is the only module of the package that imports a training framework. What i
 * **Data parallel** (``train.devices > 1``): ``data.batch_size`` is the global batch. Each process takes its
   contiguous slice of every global batch and the slice of the global batch's noise, so together with the ``ar``
   policies' all-reduced sums, DDP training reproduces single-process training on the same global batch
-  (up to float summation order; batch norm excepted, its statistics are per process).
+  (up to float summation order). Batch norm uses the global batch's statistics
+  (:class:`arelbo.models.batchnorm.GlobalBatchNorm`, any device) unless ``train.sync_batchnorm`` is false.
 * **NaN/inf guard** without a host sync per step: every step records, on the device, the first non-finite loss;
   the record is read on logging steps, before validation and before every checkpoint
   (:meth:`VAEModule.check_finite`), which raises :class:`NonFiniteLossError` naming the step and epoch of the
@@ -52,6 +53,7 @@ from arelbo import runs
 from arelbo.config import ConfigError, RunConfig
 from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 from arelbo.models import build_model
+from arelbo.models.batchnorm import convert_batchnorm
 
 __all__ = [
     "VAEModule",
@@ -149,56 +151,6 @@ def load_splits(cfg: RunConfig):
     from arelbo.data import load_dataset
 
     return load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Batch norm over the global batch (any backend, CPU included)
-
-
-class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose training statistics are those of the global batch across all processes, on any device
-    and backend (``torch.nn.SyncBatchNorm`` runs on GPUs only): N processes then compute what one process
-    computes on the whole batch. Differentiable all-reduces carry the gradient through the shared statistics.
-    Same parameters and buffers as the layer it replaces, so checkpoints are interchangeable."""
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0, *range(2, x.dim())]
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        count = x.numel() // x.shape[1] * dist.get_world_size()  # every process holds an equal share
-        mean = all_reduce(x.sum(dims)) / count
-        centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / count
-        y = centred * torch.rsqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(count - 1, 1)), alpha=m)
-        return y
-
-
-def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with every BatchNorm1d/2d/3d replaced by a :class:`GlobalBatchNorm` holding the same tensors."""
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        return new.to(next(iter(module.state_dict().values()), torch.empty(0)).device)
-    for name, child in module.named_children():
-        module.add_module(name, convert_batchnorm(child))
-    return module
 
 
 # --------------------------------------------------------------------------------------------------------------
