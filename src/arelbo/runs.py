@@ -234,6 +234,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def training_finished(ckpt: dict[str, Any], cfg) -> bool:
+    """Whether a checkpoint is the end of training for ``cfg`` (a RunConfig): max_steps reached or all epochs
+    processed (a checkpoint written mid-epoch counts the epochs before it)."""
+    step = int(ckpt.get("global_step", 0))
+    if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+        return True
+    try:
+        done = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
+    except (KeyError, TypeError):
+        done = int(ckpt.get("epoch", -1)) + 1
+    return done >= cfg.train.epochs
+
+
 def read_config(run_dir: str | os.PathLike):
     """The resolved :class:`arelbo.config.RunConfig` a run directory was trained with (its ``config.yaml``)."""
     from arelbo.config import RunConfig

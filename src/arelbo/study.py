@@ -60,6 +60,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from arelbo.config import ConfigError, RunConfig, load_config
 from arelbo.objectives import Learned
+from arelbo.runs import training_finished
 
 __all__ = [
     "StudyError",
@@ -638,18 +639,6 @@ def _write_marker(run_dir: Path, **updates) -> dict:
     marker.update(updates, history=history)
     atomic_write_text(run_dir / RUN_MARKER, json.dumps(marker, indent=2) + "\n")
     return marker
-
-
-def training_finished(ckpt: dict, cfg: RunConfig) -> bool:
-    """Whether a checkpoint is the end of training for ``cfg``: max_steps reached or all epochs processed."""
-    step = int(ckpt.get("global_step", 0))
-    if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
-        return True
-    try:
-        done = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
-    except (KeyError, TypeError):
-        done = int(ckpt.get("epoch", -1)) + 1
-    return done >= cfg.train.epochs
 
 
 def _metrics_match(metrics: dict, run: PlannedRun, opts: EvalOptions, ckpt_file: Path, metrics_file: Path,

@@ -278,16 +278,22 @@ class VAEModule(pl.LightningModule):
 
     # ---- optimisation
 
-    def configure_optimizers(self):
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups and their settings from the config (to build the optimiser, and to
+        put the config back into a restored one on resume)."""
         t = self.cfg.train
         decay = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": decay, "weight_decay": t.weight_decay}]
+        groups = [{"params": decay, "lr": t.lr, "weight_decay": t.weight_decay}]
         objective_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if objective_params:  # e.g. the "learned" policy's log sigma2: never weight-decayed, maybe its own lr
-            groups.append({"params": objective_params, "weight_decay": 0.0,
+            groups.append({"params": objective_params, "lr": t.lr, "weight_decay": 0.0,
                            **self.loss_fn.policy.optimizer_options()})
+        return groups
+
+    def configure_optimizers(self):
+        t = self.cfg.train
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        optimizer = cls(groups, lr=t.lr, betas=tuple(t.betas))
+        optimizer = cls(self._param_groups(), lr=t.lr, betas=tuple(t.betas))
         if t.schedule == "none" and t.warmup_steps == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -448,19 +454,19 @@ class VAEModule(pl.LightningModule):
         """Put the config's lr, betas and weight decay into the restored optimiser (and lr schedule), so that a
         resume with ``--set train.lr=...`` trains with what config.yaml says. Unchanged values are set to what
         they already are (bit for bit: the schedule's own formula), so an exact resume stays exact."""
-        t = self.cfg.train
         optimizer = self.trainer.optimizers[0]
         configs = self.trainer.lr_scheduler_configs
         scheduler = configs[0].scheduler if configs else None
-        for i, group in enumerate(optimizer.param_groups):
-            group["betas"] = tuple(t.betas)
-            if i == 0:  # the model's weights (the objective's parameters are never decayed)
-                group["weight_decay"] = t.weight_decay
+        for i, (group, wanted) in enumerate(zip(optimizer.param_groups, self._param_groups())):
+            group["betas"] = tuple(self.cfg.train.betas)
+            for key, value in wanted.items():
+                if key not in ("params", "lr"):
+                    group[key] = value
             if scheduler is None:
-                group["lr"] = t.lr
+                group["lr"] = wanted["lr"]
             else:
-                scheduler.base_lrs[i] = group["initial_lr"] = t.lr
-                group["lr"] = t.lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+                scheduler.base_lrs[i] = group["initial_lr"] = wanted["lr"]
+                group["lr"] = wanted["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self._resume_rng is not None:  # the first step after a resume continues the saved generators
@@ -963,18 +969,6 @@ NOT_RESUMABLE = {
 }
 
 
-def training_finished(ckpt: dict, cfg: RunConfig) -> bool:
-    """Whether a checkpoint is the end of training for ``cfg``: max_steps reached or all epochs processed."""
-    step = int(ckpt.get("global_step", 0))
-    if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
-        return True
-    try:
-        done = int(ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
-    except (KeyError, TypeError):
-        done = int(ckpt.get("epoch", -1)) + 1
-    return done >= cfg.train.epochs
-
-
 def check_resume(saved: RunConfig, cfg: RunConfig, ckpt: dict, ckpt_path: Path) -> None:
     """Refuse a resume that could not do what ``cfg`` says, before anything is written."""
     for key, why in NOT_RESUMABLE.items():
@@ -986,7 +980,7 @@ def check_resume(saved: RunConfig, cfg: RunConfig, ckpt: dict, ckpt_path: Path) 
     if mid_epoch and saved.train.limit_train_batches != cfg.train.limit_train_batches:
         raise ConfigError("train.limit_train_batches cannot change when resuming from a checkpoint in the middle of "
                           "an epoch (the epoch's length is fixed); resume without it")
-    if training_finished(ckpt, cfg):
+    if runs.training_finished(ckpt, cfg):
         step = int(ckpt.get("global_step", 0))
         raise ConfigError(
             f"nothing to resume: {ckpt_path} is at step {step} (epoch {ckpt.get('epoch')}), already the end for "
