@@ -22,7 +22,7 @@ pytest.importorskip("lightning")
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from arelbo import cli, runs  # noqa: E402
-from arelbo.config import ConfigError, load_config  # noqa: E402
+from arelbo.config import load_config  # noqa: E402
 from arelbo.data import load_dataset  # noqa: E402
 from arelbo.train import NonFiniteLossError, fit, resume  # noqa: E402
 

@@ -14,10 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one setting, e.g. --set train.epochs=5 --set objective.policy=fixed "
                         "(repeatable; the value is read as YAML)")
-    parser.add_argument("--out", metavar="DIR", help="the run directory (default: <out_dir>/<name>, "
-                        "i.e. runs/<preset>-<policy>-<time>)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its checkpoints/last.pt "
-                        "(only train.* may be changed with --set, e.g. train.epochs)")
+    parser.add_argument("--out", metavar="DIR", help="the run directory: new or empty, or a run that stopped "
+                        "before its first checkpoint (default: <out_dir>/<name>, i.e. runs/<preset>-<policy>-<time>)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its checkpoints/last.pt "
+                        "(only train.* may be changed with --set, e.g. train.epochs or train.lr; seed, optimizer "
+                        "and precision may not)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or Lightning banners")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
