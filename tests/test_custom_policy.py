@@ -91,7 +91,7 @@ def test_custom_policy_trains_validates_and_evaluates_by_its_own_rule(tmp_path, 
     assert all(r["sigma2"] == pytest.approx(2 * r["mse"], rel=1e-5) for r in train)
 
     # arelbo eval: the same rule, fitted on the validation split, scoring the test split
-    assert arelbo("eval", run_dir, "--which", "last", "--n-samples", "0", "--k", "2", "--is-examples", "8",
+    assert arelbo("eval", run_dir, "--checkpoint", "last", "--n-samples", "0", "--k", "2", "--is-examples", "8",
                   "--smoothness-examples", "8", "--mi-examples", "8", "--no-fid", "--no-progress") == 0
     capsys.readouterr()
     metrics = json.loads((run_dir / "metrics.json").read_text())

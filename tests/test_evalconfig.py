@@ -11,7 +11,7 @@ from arelbo.metrics import ACTIVE_UNIT_THRESHOLD
 
 
 def parser():
-    from arelbo.evaluate import add_arguments
+    from arelbo.cli.eval import add_arguments
 
     p = argparse.ArgumentParser(prog="arelbo eval")
     add_arguments(p)

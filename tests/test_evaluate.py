@@ -208,12 +208,13 @@ def eval_cli(argv):
     """`arelbo eval ARGV` through the command's own parser (the router's other commands are not needed)."""
     import argparse
 
-    from arelbo import cli, evaluate
+    from arelbo import cli
+    from arelbo.cli import eval as eval_command
 
-    assert cli.COMMANDS["eval"][0] == "arelbo.evaluate"
+    assert cli.COMMANDS["eval"][0] == "arelbo.cli.eval"
     parser = argparse.ArgumentParser(prog="arelbo eval")
-    evaluate.add_arguments(parser)
-    return evaluate.run(parser.parse_args(argv))
+    eval_command.add_arguments(parser)
+    return eval_command.run(parser.parse_args(argv))
 
 
 def test_cli_eval(tmp_path, capsys):

@@ -62,3 +62,27 @@ def test_the_version_is_written_once():
     assert 'version = { attr = "arelbo.__version__" }' in text
     res = python("import arelbo.cli; arelbo.cli.main(['--version'])")
     assert res.stdout.strip() == f"arelbo {arelbo.__version__}"
+
+
+CORE = ["objectives.py", "linear.py", "registry.py", "fileio.py", "models", "metrics"]
+PIPELINE = {"train", "cli", "study", "report", "runs", "data", "config", "evaluate", "evalconfig", "demo", "grids",
+            "samplers", "imagegrid", "stats"}
+
+
+def test_the_core_imports_nothing_from_the_pipeline():
+    """objectives, models, metrics and linear (pure PyTorch) never import the training/evaluation pipeline."""
+    import ast
+
+    src = ROOT / "src" / "arelbo"
+    files = [p for entry in CORE for p in ((src / entry).rglob("*.py") if (src / entry).is_dir() else [src / entry])]
+    assert len(files) >= 8
+    offending = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "arelbo" and len(parts) > 1 and parts[1] in PIPELINE:
+                    offending.append(f"{path.relative_to(src)}: {name}")
+    assert offending == []

@@ -175,7 +175,7 @@ def test_eval_options_cli_args_match_kwargs():
     options = [args[i + 1] for i, a in enumerate(args) if a == "--sampler-option"]
     assert options == ["two-stage.steps=30", "two-stage.noise=True"]
     from arelbo.evalconfig import EvalConfig
-    from arelbo.evaluate import add_arguments
+    from arelbo.cli.eval import add_arguments
     import argparse
 
     parser = argparse.ArgumentParser()

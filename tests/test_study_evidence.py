@@ -165,7 +165,7 @@ def test_evaluation_device_follows_the_runs_accelerator():
     assert S.run_device(load_config(overrides=["train.accelerator=auto"])) == "auto"
     import argparse
 
-    from arelbo.evaluate import add_arguments
+    from arelbo.cli.eval import add_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -240,7 +240,8 @@ def test_study_samplers_for_every_policy_judged_on_validation(tmp_path):
     # the same request as `arelbo eval` arguments
     import argparse
 
-    from arelbo.evaluate import add_arguments, parse_sampler_options
+    from arelbo.cli.eval import add_arguments
+    from arelbo.evalconfig import parse_sampler_options
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

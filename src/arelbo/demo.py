@@ -15,7 +15,6 @@ With sigma^2 = 1 on images in [0, 1] the KL term dominates and almost every late
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -37,23 +36,6 @@ RUNS = (
     ("ar", "AR-ELBO (ar)", ["objective.policy=ar"]),
     ("fixed-sigma2-1", "fixed sigma^2 = 1", ["objective.policy=fixed", "objective.options.sigma2=1.0"]),
 )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", metavar="DIR", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS,
-                        help=f"demo epochs of {DEMO_STEPS_PER_EPOCH} steps each (default: {DEMO_EPOCHS})")
-    parser.add_argument("--steps-per-epoch", type=int, default=DEMO_STEPS_PER_EPOCH,
-                        help=f"training steps per epoch, validation after each (default: {DEMO_STEPS_PER_EPOCH}; "
-                        "0: full epochs)")
-    parser.add_argument("--batch-size", type=int, default=DEMO_BATCH, help=f"batch size (default: {DEMO_BATCH})")
-    parser.add_argument("--lr", type=float, default=DEMO_LR, help=f"Adam learning rate (default: {DEMO_LR:g})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of both runs (default: 0)")
-    parser.add_argument("--data-root", default=None, help="MNIST IDX files (default: the bundled offline copy)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="extra config overrides applied to both runs (e.g. train.devices=2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def demo_configs(epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch_size=DEMO_BATCH, seed=0,
@@ -142,7 +124,7 @@ def run_demo(out="runs/demo", epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER
     from arelbo.data import load_dataset
     from arelbo.imagegrid import stack_labelled
     from arelbo.runs import atomic_write_text
-    from arelbo.sample_cli import sample_grid
+    from arelbo.grids import sample_grid
     from arelbo.train import fit
 
     t_start = time.perf_counter()
@@ -201,20 +183,3 @@ def fit_demo_gmm(run_dir: Path, splits, seed: int = 0) -> dict:
            "fit_split": "train", "fit_examples": int(train.shape[0])}
     save_sampler(gmm, sampler_file(run_dir, "gmm", "last"), extra={"key": key, "fit_seconds": round(seconds, 3)})
     return {"n_components": gmm.n_components, "num_codes": int(train.shape[0]), "seconds": seconds}
-
-
-def run(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
-    from arelbo.config import ConfigError
-
-    if args.epochs < 1 or args.steps_per_epoch < 0 or args.batch_size < 1 or not args.lr > 0:
-        raise ConfigError("--epochs and --batch-size must be >= 1, --steps-per-epoch >= 0, --lr > 0")
-    command = "arelbo " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "arelbo demo"
-    try:
-        run_demo(args.out, args.epochs, args.steps_per_epoch, args.batch_size, args.seed, args.data_root,
-                 args.overrides, args.overwrite, progress=not args.quiet, command=command, lr=args.lr)
-    except FileExistsError as err:
-        raise ConfigError(str(err)) from None
-    return 0

@@ -36,7 +36,8 @@ class EvalConfig(_Section):
     _section = "eval"
 
     which: str = _f("best", "checkpoint: best, last (written to metrics.json), or another file in checkpoints/, e.g. "
-                    "step-2000 (written to metrics-step-2000.json) (default best)", ("--checkpoint", "--which"))
+                    "step-2000 (written to metrics-step-2000.json) (default best)", ("--checkpoint", "--which"),
+                    metavar="CHECKPOINT")
     split: str = _f("test", "evaluation split (default test)", choices=SPLITS)
     n_samples: int = _f(10000, "generated samples per sampler for FID (default 10000)")
     k: int = _f(100, "importance samples per example for the IS-NLL (default 100)")
@@ -44,12 +45,13 @@ class EvalConfig(_Section):
     smoothness_examples: Optional[int] = _f(1000, "examples for decoder smoothness (default 1000)")
     mi_examples: Optional[int] = _f(10000, "examples whose aggregate posterior defines I(x;z) (default 10000)")
     samplers: list[str] = _f(lambda: ["prior", "gmm"], "comma-separated ex-post samplers: prior, gmm, two-stage "
-                             "(default prior,gmm)", ("--sampler",), cli="list")
+                             "(default prior,gmm)", ("--sampler",), cli="list", metavar="LIST")
     sampler_options: dict = _f(dict, "a sampler option, e.g. gmm.n_components=20 or two-stage.steps=1000 "
                                "(repeatable)", ("--sampler-option",), cli="options", metavar="NAME.KEY=VALUE")
     batch_size: int = _f(500, "evaluation batch size (default 500)")
     fid: bool = _f(True, "skip FID (samplers are still fitted)")
-    feature_net: Optional[str] = _f(None, "FID feature network (default: mnist-features for 1x28x28, else inception)")
+    feature_net: Optional[str] = _f(None, "FID feature network (default: mnist-features for 1x28x28, else inception)",
+                                    metavar="NAME")
     kid: Optional[bool] = _f(None, "also compute KID (default: when n-samples < 2048)")
     max_examples: Optional[int] = _f(None, "cap evaluation and sampler-fitting examples (quick runs)")
     fit_examples: Optional[int] = _f(None, "cap the training examples the samplers are fitted on")
@@ -62,8 +64,8 @@ class EvalConfig(_Section):
                                   "samplers)")
     dequantize: bool = _f(False, "score uniformly dequantised pixels (v + u - 1/2)/255 and report bits/dim (discrete)")
     seed: int = _f(0, "seed of every random stream of the evaluation (default 0)")
-    device: str = _f("cpu", "cpu, cuda, cuda:N or auto (CUDA when available) (default cpu)")
-    data_root: Optional[str] = _f(None, "override the dataset root recorded in the run's config")
+    device: str = _f("cpu", "cpu, cuda, cuda:N or auto (CUDA when available) (default cpu)", metavar="DEVICE")
+    data_root: Optional[str] = _f(None, "override the dataset root recorded in the run's config", metavar="DIR")
     refit_samplers: bool = _f(False, "refit samplers even when a saved fit matches")
 
     def __post_init__(self):
@@ -153,14 +155,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 parser.add_argument(_bool_flag(f, not default), dest=f.name, action="store_false" if default else
                                     "store_true", default=default, help=meta["help"])
         elif kind == "list":
-            parser.add_argument(*_flags(f), dest=f.name, default=",".join(default), help=meta["help"])
+            parser.add_argument(*_flags(f), dest=f.name, default=",".join(default), metavar=meta.get("metavar"),
+                                help=meta["help"])
         elif kind == "options":
             parser.add_argument(*_flags(f), dest=f.name, action="append", default=[], metavar=meta.get("metavar"),
                                 help=meta["help"])
         else:
             tp = {"int": int, "Optional[int]": int, "float": float}.get(f.type, str)
+            metavar = meta.get("metavar") or (None if meta.get("choices") else {int: "N", float: "X"}.get(tp, "VALUE"))
             parser.add_argument(*_flags(f), dest=f.name, type=tp, default=default, choices=meta.get("choices"),
-                                metavar=meta.get("metavar"), help=meta["help"])
+                                metavar=metavar, help=meta["help"])
 
 
 def parse_sampler_options(items) -> dict[str, dict[str, Any]]:

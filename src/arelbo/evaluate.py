@@ -32,13 +32,12 @@ from __future__ import annotations
 import json
 import math
 import platform
-import sys
 import time
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 METRICS_FILE = "metrics.json"
 METRICS_FORMAT = 1
@@ -93,7 +92,7 @@ def _checkpoint_stem(which: str) -> str | None:
 
 
 def metrics_file(run_dir, which: str = "best") -> Path:
-    """Where ``arelbo eval --which WHICH`` writes: ``metrics.json`` for best/last (one final evaluation per run),
+    """Where ``arelbo eval --checkpoint WHICH`` writes: ``metrics.json`` for best/last (one final evaluation per run),
     ``metrics-<stem>.json`` for another checkpoint (e.g. the snapshot ``step-2000``), so they sit side by side."""
     stem = _checkpoint_stem(which)
     return Path(run_dir) / (METRICS_FILE if stem is None else f"metrics-{stem}.json")
@@ -746,37 +745,3 @@ def format_table(result: dict[str, Any]) -> str:
     rows.append(("time (s)", _fmt(result["timings_s"].get("total"))))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a}" if a.startswith("[") else f"  {a:<{width}}  {b}" for a, b in rows)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser) -> None:
-    from arelbo.evalconfig import add_arguments as add_eval_arguments
-
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.yaml, checkpoints/)")
-    add_eval_arguments(parser)  # one option per EvalConfig field
-    parser.add_argument("--no-write", action="store_true", help="do not write metrics.json or sampler files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--json", action="store_true", help="print the metrics JSON instead of the table")
-
-
-def parse_sampler_options(items: Iterable[str]) -> dict[str, dict[str, Any]]:
-    from arelbo.evalconfig import parse_sampler_options as parse
-
-    return parse(items)
-
-
-def run(args) -> int:
-    from arelbo.evalconfig import EvalConfig
-
-    result = evaluate_run(args.run_dir, EvalConfig.from_args(args), write=not args.no_write,
-                          progress=not args.no_progress and sys.stderr.isatty())
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
-        if not args.no_write:
-            print(f"\nwrote {metrics_file(args.run_dir, args.which)}")
-    return 0

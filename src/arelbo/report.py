@@ -351,7 +351,7 @@ def _image_grids(results: dict, out: Path, figdir: Path) -> list[dict]:
 
     from arelbo.data import load_dataset
     from arelbo.imagegrid import make_grid, save_png
-    from arelbo.reconstruct_cli import reconstruction_grid
+    from arelbo.grids import reconstruction_grid
     from arelbo.runs import load_model
     from arelbo.samplers import decode_samples, load_sampler
 

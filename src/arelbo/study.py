@@ -1,6 +1,6 @@
 """Studies: the same VAE trained under several decoder-variance policies and seeds, evaluated and aggregated.
 
-``arelbo compare`` and ``arelbo sweep`` (:mod:`arelbo.study_cli`) both go through one planner here:
+``arelbo compare`` and ``arelbo sweep`` (:mod:`arelbo.cli.compare`) both go through one planner here:
 
     specs + seeds + base config  --plan_study-->  StudyPlan (training runs, deduplicated)
                                  --run_study--->  DIR/runs/<run>/ (train, resume or reuse; evaluate)

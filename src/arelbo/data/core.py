@@ -102,6 +102,14 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, **options) ->
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
+def reference_images(spec: str, root: str | os.PathLike | None = None) -> torch.Tensor:
+    """The images of a ``"DATASET:SPLIT"`` name (e.g. ``"mnist:test"``): a reference set for FID."""
+    dataset, _, split = str(spec).partition(":")
+    if not split:
+        raise DatasetError(f"reference {spec!r} must be 'DATASET:SPLIT', e.g. 'mnist:test'")
+    return load_dataset(dataset, root).split(split)
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [0, 1]; float data (e.g. Gaussians) -> float32 unchanged."""
     if x.dtype == torch.uint8:

@@ -309,10 +309,8 @@ def train_mnist_features(epochs: int = 4, seed: int = 0, batch_size: int = 128, 
     Recipe: Adam, one-cycle schedule (peak ``lr``), batch 128, no augmentation. Returns the trained net (eval mode)
     and a report (val/test accuracy, time).
     """
-    if splits is None:
-        from arelbo.data import load_dataset
-
-        splits = load_dataset("mnist")
+    if splits is None:  # the core loads no dataset: the caller passes MNIST (arelbo.data.load_dataset("mnist"))
+        raise ValueError("train_mnist_features needs splits=arelbo.data.load_dataset('mnist') (or another copy)")
     torch.manual_seed(seed)
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

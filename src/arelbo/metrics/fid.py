@@ -9,8 +9,11 @@ to float64 before they reach it, so the score comes back in float64 too).
 
 Typical use::
 
-    result = compute_fid(samples, "mnist:test")          # samples: (N, 1, 28, 28) float in [0, 1] or uint8
-    result["fid"], result["protocol"]
+    from arelbo.data import reference_images
+    result = compute_fid(samples, reference_images("mnist:test"), reference_name="mnist:test")
+    result["fid"], result["protocol"]             # samples: (N, 1, 28, 28) float in [0, 1] or uint8
+
+(This module, like the rest of the core, loads no dataset itself: the reference images are passed in.)
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def _load_disk(key: tuple, feature_dim: int) -> Tensor | None:
 def _save_disk(key: tuple, feats: Tensor) -> None:
     import io
 
-    from arelbo.runs import atomic_write_bytes
+    from arelbo.fileio import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.savez(buffer, features=feats.numpy(), meta=np.array(json.dumps({"key": [str(k) for k in key]})))
@@ -152,35 +155,25 @@ def clear_reference_cache() -> None:
     _REFERENCE_CACHE.clear()
 
 
-def _resolve_reference(reference: Tensor | Iterable | str, reference_name: str | None) -> tuple[Any, str]:
+def _resolve_reference(reference: Tensor | Iterable, reference_name: str | None) -> tuple[Any, str]:
     if isinstance(reference, str):
-        return reference, reference_name or reference
+        raise TypeError(f"reference {reference!r} is a name: pass the images, e.g. "
+                        f"arelbo.data.reference_images({reference!r}), with reference_name={reference!r}")
     return reference, reference_name or "custom"
 
 
-def _load_reference_string(spec: str) -> Tensor:
-    dataset, _, split = spec.partition(":")
-    if not split:
-        raise ValueError(f"reference {spec!r} must be 'DATASET:SPLIT', e.g. 'mnist:test'")
-    from arelbo.data import load_dataset
-
-    return load_dataset(dataset).split(split)
-
-
-def reference_features(reference: Tensor | Iterable | str, feature_net: str = "mnist-features",
+def reference_features(reference: Tensor | Iterable, feature_net: str = "mnist-features",
                        reference_name: str | None = None, batch_size: int = 500, quantize: bool = True,
                        disk_cache: bool = True, progress: bool = False) -> tuple[Tensor, str, str]:
     """Features of the reference set: (float32 (N, F), reference name, where they came from).
 
-    Cached per (feature-net weights sha256, reference name, count, content hash) for tensors, and per (sha256,
-    'DATASET:SPLIT') for a dataset split given by name. Iterables are featurised every time (not cached).
+    Cached per (feature-net weights sha256, reference name, count, content hash) for tensors. Iterables are
+    featurised every time (not cached).
     """
     module, info = get_feature_net(feature_net)
     reference, name = _resolve_reference(reference, reference_name)
     fid_id = info["weights_sha256"] or info["name"]
-    if isinstance(reference, str):
-        key = (fid_id, name, f"q{int(quantize)}")
-    elif isinstance(reference, Tensor):
+    if isinstance(reference, Tensor):
         key = (fid_id, name, reference.shape[0], _content_hash(reference), f"q{int(quantize)}")
     else:
         key = None
@@ -191,8 +184,7 @@ def reference_features(reference: Tensor | Iterable | str, feature_net: str = "m
         if feats is not None:
             _REFERENCE_CACHE[key] = feats
             return feats, name, "disk"
-    images = _load_reference_string(reference) if isinstance(reference, str) else reference
-    feats = featurize(images, module, batch_size=batch_size, quantize=quantize, progress=progress,
+    feats = featurize(reference, module, batch_size=batch_size, quantize=quantize, progress=progress,
                       desc=f"features {name}")
     if key is not None:
         _REFERENCE_CACHE[key] = feats
@@ -230,16 +222,16 @@ def kid_from_features(generated: Tensor, reference: Tensor, subsets: int = 100, 
         return float(mean), float(std)
 
 
-def compute_fid(generated: Tensor | Iterable, reference: Tensor | Iterable | str = "mnist:test",
+def compute_fid(generated: Tensor | Iterable, reference: Tensor | Iterable,
                 feature_net: str = "mnist-features", batch_size: int = 500, kid: bool = False,
                 kid_subset_size: int | None = None, kid_subsets: int = 100, seed: int = 0,
                 reference_name: str | None = None, quantize: bool = True, disk_cache: bool = True,
                 progress: bool = False) -> dict[str, Any]:
     """FID (and optionally KID) of generated images against a reference set, with the protocol that produced it.
 
-    ``generated``/``reference``: tensors (uint8, or float in [0, 1]) of shape (N, C, H, W), iterables of such
-    batches, or for the reference a 'DATASET:SPLIT' name such as 'mnist:test'. ``reference_name`` labels a tensor
-    reference in the protocol and the cache key (default: the string itself, or 'custom'). ``seed`` draws the
+    ``generated``/``reference``: tensors (uint8, or float in [0, 1]) of shape (N, C, H, W), or iterables of such
+    batches (a dataset split by name: :func:`arelbo.data.reference_images`). ``reference_name`` labels the
+    reference in the protocol and the cache key (default 'custom'). ``seed`` draws the
     KID subsets and is recorded (pass the seed that drew the samples when you have one).
 
     Returns ``{"fid", ["kid_mean", "kid_std"], "protocol": {...}, "reference_cache", "seconds"}``.

@@ -1,25 +1,13 @@
-"""``arelbo sample``: a PNG grid of decoder means f(z) from a trained run, z from the prior or a fitted sampler.
+"""Image grids of a trained run: samples (from the prior or a sampler ``arelbo eval`` fitted) and reconstructions.
 
-``--sampler gmm`` / ``two-stage`` reuse the fit ``arelbo eval`` saved in ``RUN_DIR/samplers/`` (it is tied to the
-checkpoint's sha256, so a fit for another checkpoint is refused rather than silently used).
+Used by ``arelbo sample`` / ``arelbo reconstruct``, the demo and the study reports.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `arelbo train`")
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default: 0)")
-    parser.add_argument("--nrow", type=int, default=None, help="images per row (default: about square)")
-    parser.add_argument("--checkpoint", default="best", help="best (default), last, or a file in checkpoints/")
-    parser.add_argument("--sampler", default="prior",
-                        help="prior (default), or an ex-post sampler fitted by `arelbo eval` (gmm, two-stage)")
-    parser.add_argument("--out", metavar="FILE.png",
-                        help="output file (default: RUN_DIR/samples.png; RUN_DIR/samples-SAMPLER.png)")
+__all__ = ["fitted_sampler", "sample_grid", "reconstruction_grid"]
 
 
 def fitted_sampler(run_dir, name: str, checkpoint: str = "best"):
@@ -33,7 +21,7 @@ def fitted_sampler(run_dir, name: str, checkpoint: str = "best"):
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(sorted(SAMPLERS))}")
     ckpt = checkpoint_path(run_dir, checkpoint)
     path = sampler_file(run_dir, name, checkpoint)
-    fit_it = f"`arelbo eval {run_dir} --which {checkpoint} --sampler {name}`"
+    fit_it = f"`arelbo eval {run_dir} --checkpoint {checkpoint} --sampler {name}`"
     if not path.is_file():
         raise FileNotFoundError(f"no fitted {name!r} sampler in {path.parent}: fit one with {fit_it}")
     try:
@@ -65,12 +53,22 @@ def sample_grid(run_dir, n: int = 64, seed: int = 0, nrow=None, checkpoint: str 
     return make_grid(decode_samples(model, fitted_sampler(run_dir, sampler, checkpoint), n, generator), nrow=nrow)
 
 
-def run(args: argparse.Namespace) -> int:
-    from arelbo.imagegrid import save_png
+def reconstruction_grid(run_dir, n: int = 32, split: str = "test", nrow: int = 8, checkpoint: str = "best", splits=None):
+    """Originals (top block) and reconstructions from the posterior mean (bottom block), labelled."""
+    import torch
 
-    grid = sample_grid(args.run_dir, args.n, args.seed, args.nrow, args.checkpoint, args.sampler)
-    default = "samples.png" if args.sampler == "prior" else f"samples-{args.sampler}.png"
-    out = Path(args.out) if args.out else Path(args.run_dir) / default
-    save_png(grid, out)
-    print(f"wrote {out} ({args.n} samples from the {args.sampler} sampler, {grid.shape[1]}x{grid.shape[0]} px)")
-    return 0
+    from arelbo.data import load_dataset, to_float
+    from arelbo.imagegrid import make_grid, stack_labelled
+    from arelbo.runs import load_model
+
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    model, _, ckpt = load_model(run_dir, checkpoint)
+    if splits is None:
+        d = ckpt["config"]["data"]
+        splits = load_dataset(d["name"], d["root"], **d["options"])
+    x = to_float(splits.split(split)[:n])
+    with torch.no_grad():
+        x_hat = model(x, sample=False).x_hat
+    grids = [make_grid(x, nrow=nrow), make_grid(x_hat, nrow=nrow)]
+    return stack_labelled(grids, [f"{split} data", "reconstructions f(mu(x))"], horizontal=False)

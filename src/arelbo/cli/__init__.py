@@ -11,15 +11,15 @@ import sys
 
 # subcommand -> (module, one-line help). Adding a command is one line here plus the module's two functions.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("arelbo.evaluate", "evaluate a trained run: collapse diagnostics, -ELBO / IS-NLL, samplers + FID -> metrics.json"),
-    "features": ("arelbo.features_cli", "train / inspect the MNIST feature network used for FID (mnist-features)"),
-    "train": ("arelbo.train_cli", "train a VAE from a preset / YAML config / --set overrides, or --resume a run"),
-    "sample": ("arelbo.sample_cli", "write a PNG grid of samples (prior, or a sampler fitted by eval) from a trained run"),
-    "reconstruct": ("arelbo.reconstruct_cli", "write data above their reconstructions from a trained run (PNG)"),
-    "demo": ("arelbo.demo", "AR-ELBO vs sigma^2 = 1 on MNIST in a few CPU minutes: samples and a summary"),
-    "linear": ("arelbo.linear_cli", "train linear VAEs on Gaussian data and compare with the exact closed forms"),
-    "compare": ("arelbo.study_cli", "train + evaluate several sigma^2 policies x seeds, aggregate, report.md/.html"),
-    "sweep": ("arelbo.study_cli", "fixed sigma^2 over a log grid beside ar: collapse vs sigma^2, report.md/.html"),
+    "eval": ("arelbo.cli.eval", "evaluate a trained run: collapse diagnostics, -ELBO / IS-NLL, samplers + FID -> metrics.json"),
+    "features": ("arelbo.cli.features", "train / inspect the MNIST feature network used for FID (mnist-features)"),
+    "train": ("arelbo.cli.train", "train a VAE from a preset / YAML config / --set overrides, or --resume a run"),
+    "sample": ("arelbo.cli.sample", "write a PNG grid of samples (prior, or a sampler fitted by eval) from a trained run"),
+    "reconstruct": ("arelbo.cli.reconstruct", "write data above their reconstructions from a trained run (PNG)"),
+    "demo": ("arelbo.cli.demo", "AR-ELBO vs sigma^2 = 1 on MNIST in a few CPU minutes: samples and a summary"),
+    "linear": ("arelbo.cli.linear", "train linear VAEs on Gaussian data and compare with the exact closed forms"),
+    "compare": ("arelbo.cli.compare", "train + evaluate several sigma^2 policies x seeds, aggregate, report.md/.html"),
+    "sweep": ("arelbo.cli.sweep", "fixed sigma^2 over a log grid beside ar: collapse vs sigma^2, report.md/.html"),
 }
 
 
