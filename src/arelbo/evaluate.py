@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 import time
 import zlib
 from dataclasses import dataclass
