@@ -375,6 +375,15 @@ def test_compile_trains_the_same_model(tmp_path, image_folder):
     _assert_same_training(plain, fast)
 
 
+def test_training_without_tensorboard_warns_and_keeps_metrics(tmp_path, splits, monkeypatch):
+    from arelbo import train
+
+    monkeypatch.setattr(train, "_tensorboard_available", lambda: False)
+    with pytest.warns(UserWarning, match="TensorBoard events are not written"):
+        run_dir = fit(tiny("train.epochs=1"), tmp_path / "run", splits=splits, progress=False)
+    assert not (run_dir / "tensorboard").exists() and _records(run_dir, "val")
+
+
 def test_speed_switches_are_off_by_default():
     t = load_config("mnist-conv").train
     assert (t.data_on_device, t.channels_last, t.compile, t.precision) == (None, False, False, "32")

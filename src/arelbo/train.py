@@ -803,6 +803,18 @@ def _progress_bar():
     return ProgressBar()
 
 
+def _tensorboard_available() -> bool:
+    import importlib
+
+    for name in ("tensorboard", "tensorboardX"):
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            pass
+    return False
+
+
 def _check_precision(t) -> None:
     gpu = t.accelerator == "gpu" or (t.accelerator == "auto" and torch.cuda.is_available())
     if t.precision == "16-mixed" and not gpu:
@@ -818,7 +830,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callback
     t = cfg.train
     _check_precision(t)
     accelerator = {"auto": "auto", "cpu": "cpu", "gpu": "gpu"}[t.accelerator]
-    loggers = [TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)]
+    loggers = []
+    if _tensorboard_available():
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False))
+    else:
+        warnings.warn("TensorBoard events are not written (neither tensorboard nor tensorboardX is installed: "
+                      "pip install tensorboard); metrics.jsonl holds every record", stacklevel=2)
     return pl.Trainer(
         accelerator=accelerator,
         devices=t.devices,
@@ -840,7 +857,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, progress: bool = True, callback
                    *([SnapshotCheckpoint(run_dir, t.snapshot_steps)] if t.snapshot_steps else []),
                    *([_progress_bar()] if progress else []), *callbacks],
         plugins=[RunCheckpointIO()],
-        logger=loggers,
+        logger=loggers or False,
         default_root_dir=str(run_dir),
         deterministic=False,
     )

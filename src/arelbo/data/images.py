@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .core import SPLIT_RULE_801010, DatasetError, Splits, register, split_counts
 from .mapped import map_npy
@@ -52,6 +51,8 @@ def centre_crop_box(width: int, height: int, crop_h: int, crop_w: int) -> tuple[
 
 def decode_image(path: Path, crop=None, size=None, channels: int = 3) -> np.ndarray:
     """One image -> (C, H, W) uint8: convert to RGB/L, centre crop, bilinear resize (antialiased by PIL)."""
+    from PIL import Image, UnidentifiedImageError  # here: the in-memory datasets need no image library
+
     crop, size = _pair(crop, "crop"), _pair(size, "size")
     try:
         with Image.open(path) as im:
