@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 PRESET = "mnist-conv"
-# The demo's training budget (both runs share it): 4 x 300 steps of batch 64 at Adam lr 3e-3. Measured on the
-# shared 2-core box: AR-ELBO is at MSE ~0.011 with all 16 units strongly active (Cov_x(mu_j) > 1) after 600 steps
+# The demo's training budget (both runs share it): 4 x 300 steps of batch 64 at Adam lr 3e-3. Measured on a
+# 2-core CPU: AR-ELBO is at MSE ~0.011 with all 16 units strongly active (Cov_x(mu_j) > 1) after 600 steps
 # whatever the lr; with sigma^2 = 1 the units the data do not support decay only slowly towards the 0.01
 # threshold (after 600 steps at lr 1e-3 they are still at 0.02-0.1, so both runs would count 16 "active"
 # units), and lr 3e-3 makes them decay about three times faster, so the step budget shows the collapse.
@@ -29,7 +29,7 @@ DEMO_STEPS_PER_EPOCH = 300
 DEMO_EPOCHS = 4
 DEMO_LR = 3e-3
 # AR-ELBO's generation sampler: a 10-component GMM (the samplers' default) on the posterior means of the first
-# 10000 training images (encoding them and the EM fit: 3.4 s measured on the shared 2-core box under load ~4).
+# 10000 training images (encoding them and the EM fit: 3.4 s measured on a busy 2-core CPU).
 DEMO_GMM_COMPONENTS = 10
 DEMO_GMM_CODES = 10000
 RUNS = (

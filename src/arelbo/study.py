@@ -320,7 +320,7 @@ def sweep_policies(sigma2: Iterable[float], reference: str | Iterable[str] = "ar
 # --------------------------------------------------------------------------------------------------------------
 # Scales and evaluation options
 
-# The CPU scale: measured with the mnist-conv preset on the project's 2-core machine (see Scale.why and the
+# The CPU scale: measured with the mnist-conv preset on a 2-core CPU (see Scale.why and the
 # CLI help). Each run: CPU_EPOCHS epochs of CPU_STEPS_PER_EPOCH batches of the preset's batch size (128 for
 # mnist-conv), validation on the full validation split after each epoch. Measured on 2 idle cores: ~10 training
 # steps/s (2000 steps + 5 validations: 142-152 s), evaluation with prior + GMM 21-29 s (learned + two-stage: 39 s).
@@ -428,10 +428,9 @@ SCALES = {
         f"CPU default: {CPU_EPOCHS} epochs x {CPU_STEPS_PER_EPOCH} batches (the preset's batch size), seed 0; "
         f"evaluation on the whole test split, {CPU_EVAL_SAMPLES} samples per sampler for FID, "
         f"prior and GMM samplers (+ two-stage), IS-NLL K={CPU_IS_K} on {CPU_IS_EXAMPLES} images, smoothness on "
-        f"{CPU_SMOOTHNESS_EXAMPLES}, two-stage sampler {CPU_TWO_STAGE_STEPS} steps. Sized so the default 9-policy "
-        f"MNIST study (8 training runs: two-stage shares learned's) fits 60 minutes on 2 CPU cores: measured about "
-        f"3 minutes per run on 2 idle cores (142-152 s training + 21-39 s evaluation), about 24 minutes for the "
-        f"study.",
+        f"{CPU_SMOOTHNESS_EXAMPLES}, two-stage sampler {CPU_TWO_STAGE_STEPS} steps. The default 9-policy "
+        f"MNIST study (8 training runs: two-stage shares learned's) takes about 24 minutes on 2 idle CPU cores: "
+        f"about 3 minutes per run (142-152 s training + 21-39 s evaluation).",
     ),
     "paper": Scale(
         "paper",

@@ -14,16 +14,16 @@ scales:
   default (CPU)  {cpu}
   --paper        {paper}
 Explicit --seeds, --epochs, --steps-per-epoch, --eval-samples and --set override either scale.
-Budget of the default scale, measured on the project's 2-core machine (mnist-conv, the default 9 policies,
-1 seed): {budget}"""
+Time of the default scale, measured on a 2-core CPU (mnist-conv, the default 9 policies, 1 seed):
+{budget}"""
 
-# Measured; see the module arelbo.study (CPU_* constants) and the lead's docs/results. Kept in one place.
+# Measured; see the module arelbo.study (CPU_* constants) and docs/results/mnist.md. Kept in one place.
 CPU_BUDGET = (
     "on 2 idle cores one run takes about 3 minutes (ar: 147 s training + 25 s evaluation with the prior and GMM "
     "samplers; the learned run's evaluation adds about 15 s for the two-stage sampler's 2000 steps), so the 9 "
-    "default policies (8 training runs: two-stage shares learned's) take about 24 minutes (docs/results/mnist.md), "
-    "inside the 60-minute budget with room for a machine about 2x slower. Other CPU-heavy processes slow torch's multi-threaded training by 3-5x (measured); on a "
-    "shared machine --jobs 2 (one thread per run) holds up better.")
+    "default policies (8 training runs: two-stage shares learned's) take about 24 minutes (docs/results/mnist.md). "
+    "Other CPU-heavy processes slow torch's multi-threaded training by 3-5x (measured); on a shared machine "
+    "--jobs 2 (one thread per run) holds up better.")
 
 SWEEP_INTRO = """\
 The oversmoothing sweep: fixed:S for every S of --sigma2, beside the --reference policies (specs as in
@@ -45,6 +45,7 @@ policy specs (comma-separated in --policies and --reference):
                    codes (shares the training run of learned[:ARGS])
   ar, ar-diagonal, ar-per-sample, ar-ema[:M]   AR-ELBO and its variants (M: EMA momentum)
   ar-annealed[:N]  AR-ELBO with a sigma^2 floor decaying log-linearly from 1 over N steps (default 10000)
+  NAME[:VALUE]     any other registered decoder-variance policy (VALUE: its spec option; docs/method.md)
 Every policy but two-stage generates with the prior sampler for FID, and with a Gaussian mixture fitted to its
 training codes for a second FID column ("FID (GMM)"; --no-gmm drops it). The two-stage sampler samples its second
 VAE exactly (decoder noise included); --two-stage-mean uses the decoder mean alone, as Dai & Wipf.
@@ -123,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--two-stage-steps", type=int, metavar="N", help="Adam steps of the two-stage sampler's "
                         "second VAE")
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                        help="which checkpoint is evaluated (default: last, the end of the equal training budget)")
+                        help="which checkpoint is evaluated (default: last, the end of training: the same number of "
+                        "steps for every run)")
     parser.add_argument("--gmm", action=argparse.BooleanOptionalAction, default=None,
                         help="also judge every policy with a GMM sampler (default: on)")
     parser.add_argument("--two-stage-mean", action="store_true",
