@@ -126,6 +126,7 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     assert row["n"] == 2 and row["verdict"] == stats.verdict(row["lo"], row["hi"], True)
     md = (out / "report.md").read_text()
     assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
+    assert "![FID and active units against training steps](figures/curves.png)" in md and (out / "figures" / "curves.png").is_file()
     assert json.loads(json.dumps(res)) == res
 
     # everything evaluated: reused; a lost snapshot evaluation is redone alone

@@ -392,6 +392,37 @@ def _image_grids(results: dict, out: Path, figdir: Path) -> list[dict]:
     return grids
 
 
+def plot_curves(results: dict, path: Path) -> Figure | None:
+    """FID of each sampler (and active units) against training steps, one line per policy (mean ± std over
+    seeds), from the kept snapshots and the end of training; None when no policy has two points."""
+    columns = {c["key"]: c for c in results["columns"]}
+    keys = [k for k in ("fid", "fid_gmm", "fid_two_stage") if k in columns] + ["active_units"]
+    pols = [p for p in results["policies"] if len([pt for pt in p.get("curve") or [] if pt["step"] is not None]) > 1]
+    if not pols:
+        return None
+    fig = _figure(4.2 * len(keys), 3.8)
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        n = 0
+        for i, p in enumerate(pols):
+            pts = [pt for pt in p["curve"] if pt["step"] is not None]
+            n += _errorbar(ax, [pt["step"] for pt in pts], [pt["aggregate"].get(key) for pt in pts],
+                           color=PALETTE[i % len(PALETTE)], marker="o", lw=1.3, label=p["label"])
+        label = "active units" if key == "active_units" else FID_LEGEND.get(key, key)
+        ax.set_title(label if n else f"{label}: n/a", fontsize=9)
+        ax.set_xlabel("training step")
+        if key != "active_units" and n:
+            ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("metrics against training steps (kept snapshots and the end; mean ± std over seeds)")
+    _save(fig, path)
+    return Figure("curves", "FID and active units against training steps", path,
+                  "Each policy's FID per sampler and its active units at the kept snapshots and at the end of "
+                  "training (FID on a log axis). A policy whose curves are still falling at the end has "
+                  "not converged at this budget.")
+
+
 def make_figures(results: dict, out: Path) -> tuple[list[Figure], list[dict]]:
     figdir = Path(out) / FIG_DIR
     figdir.mkdir(parents=True, exist_ok=True)
@@ -400,6 +431,7 @@ def make_figures(results: dict, out: Path) -> tuple[list[Figure], list[dict]]:
         plot_sweep(results, figdir / "sweep.png"),
         plot_sigma2_trajectories(results, Path(out), figdir / "sigma2.png"),
         plot_kl_heatmap(results, figdir / "kl_per_dim.png"),
+        plot_curves(results, figdir / "curves.png"),
     ]
     return [f for f in figs if f is not None], _image_grids(results, Path(out), figdir)
 
