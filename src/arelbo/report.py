@@ -414,7 +414,10 @@ def plot_curves(results: dict, path: Path) -> Figure | None:
         if key != "active_units" and n:
             ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.25)
-    axes[0].legend(fontsize=7)
+    for ax in axes:  # the first panel with lines carries the legend
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
     fig.suptitle("metrics against training steps (kept snapshots and the end; mean ± std over seeds)")
     _save(fig, path)
     return Figure("curves", "FID and active units against training steps", path,
