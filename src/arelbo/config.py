@@ -180,10 +180,19 @@ class ModelConfig(_Section):
     activation: str = "relu"
     out_activation: str = "sigmoid"  # decoder mean's squashing: sigmoid for images in [0, 1], none for real data
     bias: bool = False  # linear VAE only: affine encoder/decoder
+    prior: str = "standard"  # p(z): standard | mog | vamp | flow (arelbo.models.priors.PRIORS)
+    prior_options: dict = field(default_factory=dict)  # the prior's options, e.g. {components: 10} for mog/vamp
 
     def validate(self) -> None:
         from arelbo.models import ARCHITECTURES
+        from arelbo.models.priors import PRIORS, prior_options
 
+        if self.prior not in PRIORS:
+            raise ConfigError(f"model.prior {self.prior!r} unknown; known: {', '.join(sorted(PRIORS))}")
+        unknown = sorted(set(self.prior_options) - set(prior_options(self.prior)))
+        if unknown:
+            raise ConfigError(f"model.prior_options {unknown} not options of prior {self.prior!r}; valid: "
+                              f"{', '.join(prior_options(self.prior)) or 'none'}")
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"model.arch {self.arch!r} unknown; known: {', '.join(ARCHITECTURES)}")
         if self.latent_dim < 1:

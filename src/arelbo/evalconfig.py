@@ -44,8 +44,8 @@ class EvalConfig(_Section):
     is_examples: Optional[int] = _f(1000, "evaluation examples for the IS-NLL (default 1000; 0: skip)")
     smoothness_examples: Optional[int] = _f(1000, "examples for decoder smoothness (default 1000)")
     mi_examples: Optional[int] = _f(10000, "examples whose aggregate posterior defines I(x;z) (default 10000)")
-    samplers: list[str] = _f(lambda: ["prior", "gmm"], "comma-separated ex-post samplers: prior, gmm, two-stage "
-                             "(default prior,gmm)", ("--sampler",), cli="list", metavar="LIST")
+    samplers: list[str] = _f(lambda: ["prior", "gmm"], "comma-separated samplers: prior (the model's own prior), "
+                             "gmm, flow, two-stage (default prior,gmm)", ("--sampler",), cli="list", metavar="LIST")
     sampler_options: dict = _f(dict, "a sampler option, e.g. gmm.n_components=20 or two-stage.steps=1000 "
                                "(repeatable)", ("--sampler-option",), cli="options", metavar="NAME.KEY=VALUE")
     batch_size: int = _f(500, "evaluation batch size (default 500)")

@@ -324,7 +324,7 @@ def _encode(run: Loaded, c, progress) -> Encoded:
 
     from arelbo.data import make_loader
     from arelbo.metrics.collapse import batch_sq_err, iterate_batches
-    from arelbo.metrics.likelihood import ELBOAccumulator
+    from arelbo.metrics.likelihood import ELBOAccumulator, monte_carlo_rate
 
     model, device = run.model, run.device
     mode = c.sq_err
@@ -332,13 +332,14 @@ def _encode(run: Loaded, c, progress) -> Encoded:
         mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
     acc = ELBOAccumulator(per_sample_floor=run.loss_fn.policy.floor)
     acc.sq_err_mode = mode
-    gen_elbo = _generator(c.seed, "elbo")
+    gen_elbo, gen_rate = _generator(c.seed, "elbo"), _generator(c.seed, "rate")
     mus, logvars = [], []
     mse_sum = 0.0
     with torch.inference_mode():
         for x in iterate_batches(run.loader, device, progress=progress and "eval: encoding"):
             mu, logvar = model.encode(x)
-            acc.update(batch_sq_err(model, x, mode, gen_elbo, (mu, logvar)), mu, logvar)
+            acc.update(batch_sq_err(model, x, mode, gen_elbo, (mu, logvar)), mu, logvar,
+                       monte_carlo_rate(model, mu, logvar, gen_rate))  # None: closed-form KL (standard prior)
             mse_sum += float((x.flatten(1).double() - model.decode(mu).flatten(1).double()).pow(2).sum())
             mus.append(mu.float().cpu())
             logvars.append(logvar.float().cpu())
@@ -348,11 +349,13 @@ def _encode(run: Loaded, c, progress) -> Encoded:
         val_acc = acc
     else:
         val_acc = ELBOAccumulator(per_sample_floor=run.loss_fn.policy.floor)
-        gen_val = _generator(c.seed, "elbo-val")
+        gen_val, gen_val_rate = _generator(c.seed, "elbo-val"), _generator(c.seed, "rate-val")
         with torch.inference_mode():
             for x in iterate_batches(make_loader(run.val_score, c.batch_size, shuffle=False), device,
                                      progress=progress and "eval: validation pass"):
-                val_acc.update(batch_sq_err(model, x, mode, gen_val), *model.encode(x))
+                mu, logvar = model.encode(x)
+                val_acc.update(batch_sq_err(model, x, mode, gen_val, (mu, logvar)), mu, logvar,
+                               monte_carlo_rate(model, mu, logvar, gen_val_rate))
     return Encoded(acc, val_acc, mu_all, logvar_all, mse_sum, mode, acc.num_elements, int(mu_all.shape[1]),
                    int(run.eval_data.shape[0]))
 
@@ -600,7 +603,7 @@ def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Sam
         "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("global_step")),
                        "epoch": _clean(ckpt.get("epoch")), "global_step": _clean(ckpt.get("global_step"))},
         "run": {"dataset": splits.name, "data_shape": list(splits.shape), "arch": cfg.get("model", {}).get("arch"),
-                "latent_dim": q, "policy": policy_name},
+                "latent_dim": q, "policy": policy_name, "prior": model.prior.name},
         "protocol": {
             "split": split,
             "num_examples": n_eval,
@@ -618,6 +621,9 @@ def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Sam
                            "convention": "pixels stored as v/255, v in {0..255}; scored x~ = (v + u - 1/2)/255, "
                                          "u ~ U[0,1)^D; bits/dim (discrete) = (nats + D ln 255) / (D ln 2), an "
                                          "upper bound on -log2 P(v) / D" if dequantize else None},
+            "rate": ("closed-form KL(q(z|x) || N(0, I)), per latent dimension" if model.prior.closed_form_kl else
+                     f"one-sample Monte-Carlo KL(q(z|x) || p(z)) under the learned {model.prior.name!r} prior "
+                     "(q's entropy in closed form); no KL per dimension"),
             "active_threshold": threshold,
             "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
             "mi": {"num_examples": n_mi, "samples_per_example": 1,
@@ -709,11 +715,13 @@ def format_table(result: dict[str, Any]) -> str:
     section("run")
     rows += [("run", result["run_dir"]), ("checkpoint", f"{result['checkpoint']['file']} (step {_fmt(result['checkpoint']['step'])})"),
              ("dataset / split", f"{result['run']['dataset']} / {p['split']} ({p['num_examples']} examples, D={p['num_elements']})"),
-             ("model / policy", f"{result['run']['arch']}, q={c['latent_dim']} / {result['run']['policy']}")]
+             ("model / policy", f"{result['run']['arch']}, q={c['latent_dim']} / {result['run']['policy']}"
+              + (f", prior {result['run']['prior']}" if result["run"].get("prior", "standard") != "standard" else ""))]
     section("collapse")
     rows += [("active units", f"{c['active_units']} / {c['latent_dim']}  (Var(mu_j) > {p['active_threshold']})"),
              ("KL total (nats)", _fmt(c["kl_total"])),
-             ("KL per dim", " ".join(_fmt(v, 3) for v in c["kl_per_dim"])),
+             ("KL per dim", " ".join(_fmt(v, 3) for v in c["kl_per_dim"]) if c["kl_per_dim"] is not None
+              else "- (not defined under a non-factorised prior)"),
              ("I(x;z) (nats)", f"{_fmt(c['mutual_information'])}  (max log N = {_fmt(c['mutual_information_max'])})"),
              ("smoothness E||df/dz_j||", _fmt(c["smoothness_mean"]) + ("  per dim: " + " ".join(_fmt(v, 3) for v in c["smoothness_per_dim"])
                                                                if c["smoothness_per_dim"] else ""))]

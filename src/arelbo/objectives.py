@@ -2,7 +2,10 @@
 
 A Gaussian VAE's negative ELBO per sample, with D observed elements and decoder variance sigma2, is
 
-    -ELBO = sum_d (x_d - f_d(z))^2 / (2 sigma2_d) + 1/2 sum_d log(2 pi sigma2_d) + KL(q(z|x) || N(0, I)).
+    -ELBO = sum_d (x_d - f_d(z))^2 / (2 sigma2_d) + 1/2 sum_d log(2 pi sigma2_d) + KL(q(z|x) || p(z)).
+
+The rate KL is in closed form for p(z) = N(0, I); for a learnable prior (:mod:`arelbo.models.priors`) the caller
+passes its Monte-Carlo estimate as ``rate``, and every policy below works unchanged.
 
 Everything that distinguishes the methods compared in this project is *how sigma2 is chosen*. That choice is
 a :class:`DecoderVariance` policy; adding one is one small class and one ``@register_policy`` line.
@@ -62,8 +65,8 @@ class LossOutput:
 
     loss: Tensor  # scalar to minimise (carries gradient)
     distortion: Tensor  # (B,) squared error ||x - x_hat||^2 summed over the D elements
-    rate: Tensor  # (B,) KL(q(z|x) || p(z)) in nats
-    kl_per_dim: Tensor  # (q,) batch mean of the KL of each latent dimension
+    rate: Tensor  # (B,) KL(q(z|x) || p(z)) in nats (a Monte-Carlo estimate when it was given to the loss)
+    kl_per_dim: Tensor  # (q,) batch mean of the KL of each latent dimension; NaN when the rate was given
     sigma2: Tensor  # the decoder variance used, detached: shape (), (D,) or (B,)
     neg_elbo: Tensor  # scalar: batch mean of -ELBO in nats, all constants included
     bits_per_dim: Tensor  # scalar: neg_elbo / (D ln 2), for the data on the scale it was given
@@ -599,8 +602,12 @@ class GaussianVAELoss(nn.Module):
     def policy_name(self) -> str:
         return self.policy.name
 
-    def forward(self, x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor) -> LossOutput:
-        """x and x_hat of the same shape (B, ...); mu and logvar of shape (B, q)."""
+    def forward(self, x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
+        """x and x_hat of the same shape (B, ...); mu and logvar of shape (B, q).
+
+        ``rate``: a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than N(0, I) (e.g. the Monte-Carlo
+        estimate of :meth:`arelbo.models.VAE.rate`); None (default): the closed-form KL to N(0, I).
+        """
         if x.shape != x_hat.shape:
             raise ValueError(f"x and reconstruction differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}")
         if x.dim() < 2:
@@ -608,10 +615,11 @@ class GaussianVAELoss(nn.Module):
         if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
         diff = _upcast(x.flatten(1)) - _upcast(x_hat.flatten(1))
-        return self.from_sq_err(diff * diff, mu, logvar)
+        return self.from_sq_err(diff * diff, mu, logvar, rate)
 
-    def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor) -> LossOutput:
-        """The loss from elementwise squared errors (B, D), e.g. an exact expectation E_q (x_d - f_d(z))^2."""
+    def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
+        """The loss from elementwise squared errors (B, D), e.g. an exact expectation E_q (x_d - f_d(z))^2;
+        ``rate`` as in :meth:`forward`."""
         if sq_err.dim() != 2:
             raise ValueError(f"sq_err must have shape (B, D), got {tuple(sq_err.shape)}")
         if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
@@ -621,8 +629,15 @@ class GaussianVAELoss(nn.Module):
             )
         if self.check_finite and not bool(torch.isfinite(mu).all() & torch.isfinite(logvar).all()):
             raise ValueError("encoder output (mu or logvar) contains NaN or inf")
-        kl = gaussian_kl(_upcast(mu), _upcast(logvar))
-        rate = kl.sum(1)
+        if rate is None:
+            kl = gaussian_kl(_upcast(mu), _upcast(logvar))
+            rate = kl.sum(1)
+            kl_per_dim = kl.mean(0)
+        else:
+            if rate.shape != (sq_err.shape[0],):
+                raise ValueError(f"rate must have shape (B,) = ({sq_err.shape[0]},), got {tuple(rate.shape)}")
+            rate = _upcast(rate)
+            kl_per_dim = torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
         sigma2 = self.policy.sigma2(sq_err)
         loss = self.policy.loss(sq_err, rate, sigma2)
         with torch.no_grad():
@@ -632,7 +647,7 @@ class GaussianVAELoss(nn.Module):
             loss=loss,
             distortion=sq_err.sum(1),
             rate=rate,
-            kl_per_dim=kl.mean(0),
+            kl_per_dim=kl_per_dim,
             sigma2=sigma2.detach().squeeze(-1) if sigma2.dim() == 2 else sigma2.detach(),
             neg_elbo=neg_elbo,
             bits_per_dim=neg_elbo / (num_elements * math.log(2.0)),

@@ -4,7 +4,8 @@ This is the only module of the package that imports a training framework. What i
 
 * **Logging.** Every ``train.log_every_n_steps`` steps: loss, mse (distortion / D), distortion (per-sample sum of
   squared errors), rate (KL), sigma2, -ELBO and lr. Every epoch on the validation set: -ELBO in nats and bits/dim,
-  mse, KL and KL per latent dimension, active units (Cov_x(mu_j) > 0.01) and the sigma2 the -ELBO used: the
+  mse, KL and KL per latent dimension (standard prior; a learnable prior's KL is its one-sample Monte-Carlo
+  estimate and has no per-dimension split), active units (Cov_x(mu_j) > 0.01) and the sigma2 the -ELBO used: the
   policy's own held-out rule (:meth:`arelbo.objectives.DecoderVariance.held_out_sigma2`, e.g. ``ar`` the MLE on
   the whole validation set, ``fixed`` its constant), through the same :class:`arelbo.metrics.ELBOAccumulator` as
   ``arelbo eval``. Records go to ``metrics.jsonl`` (one JSON object
@@ -282,8 +283,13 @@ class VAEModule(pl.LightningModule):
         """The optimiser's parameter groups and their settings from the config (to build the optimiser, and to
         put the config back into a restored one on resume)."""
         t = self.cfg.train
-        decay = [p for p in self.model.parameters() if p.requires_grad]
+        prior_ids = {id(p) for p in self.model.prior.parameters()}
+        decay = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prior_ids]
         groups = [{"params": decay, "lr": t.lr, "weight_decay": t.weight_decay}]
+        # a learnable prior's parameters: never weight-decayed (decay would pull the prior towards a point mass at 0)
+        prior_params = [p for p in self.model.prior.parameters() if p.requires_grad]
+        if prior_params:
+            groups.append({"params": prior_params, "lr": t.lr, "weight_decay": 0.0})
         objective_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         if objective_params:  # e.g. the "learned" policy's log sigma2: never weight-decayed, maybe its own lr
             groups.append({"params": objective_params, "lr": t.lr, "weight_decay": 0.0,
@@ -328,7 +334,7 @@ class VAEModule(pl.LightningModule):
         mu, logvar = self.model.encode(x)
         z = mu + self._noise(mu) * (0.5 * logvar).exp()
         x_hat = self.model.decode(z)
-        out = self.loss_fn(x, x_hat, mu, logvar)
+        out = self.loss_fn(x, x_hat, mu, logvar, rate=self.model.rate(mu, logvar, z))  # rate None: closed form
         step, world = self.global_step, self.trainer.world_size
         self._record_finite(out.loss, batch_idx)  # no host sync: read at the next check
         if step % self.cfg.train.log_every_n_steps == 0:
@@ -493,9 +499,11 @@ class VAEModule(pl.LightningModule):
         mu, logvar = self.model.encode(x)
         start = self._val_offset + batch_idx * self.cfg.data.eval_batch_size
         eps = self._val_eps[start : start + x.shape[0]].to(mu.dtype)
-        x_hat = self.model.decode(mu + eps * (0.5 * logvar).exp())
+        z = mu + eps * (0.5 * logvar).exp()
+        x_hat = self.model.decode(z)
         diff = x.flatten(1).double() - x_hat.flatten(1).double()
-        self._val_acc.update(diff * diff, mu, logvar)
+        # rate None: the prior's KL is in closed form (per dimension); else its one-sample Monte-Carlo estimate
+        self._val_acc.update(diff * diff, mu, logvar, self.model.rate(mu, logvar, z))
         self._val_mu += torch.stack([mu.double().sum(0), mu.double().pow(2).sum(0)])
 
     def on_validation_epoch_end(self) -> None:
@@ -504,7 +512,8 @@ class VAEModule(pl.LightningModule):
         if acc.num_examples == 0:  # this process had no validation batch: contribute zeros to the sums
             dev = self.device
             acc.update(torch.zeros(0, d, dtype=torch.float64, device=dev), torch.zeros(0, q, device=dev),
-                       torch.zeros(0, q, device=dev))
+                       torch.zeros(0, q, device=dev),
+                       None if self.model.prior.closed_form_kl else torch.zeros(0, dtype=torch.float64, device=dev))
         acc.reduce(self._all_reduce)
         mu_sums = self._all_reduce(self._val_mu)
         n = acc.num_examples
@@ -525,7 +534,8 @@ class VAEModule(pl.LightningModule):
             "kl": kl,
             "sigma2": s2,
             "active_units": int((var_mu > ACTIVE_UNIT_THRESHOLD).sum().item()),
-            "kl_per_dim": [float(v) for v in res.kl_per_dim],
+            # KL per dimension exists only for a factorised prior with closed-form KL (README: Priors)
+            "kl_per_dim": None if res.kl_per_dim is None else [float(v) for v in res.kl_per_dim],
             "var_mu": [float(v) for v in var_mu.tolist()],
             "n": int(n),
         }

@@ -48,6 +48,7 @@ __all__ = [
     "linear_vae_exact_nll",
     "bits_per_dim",
     "resolve_sigma2",
+    "monte_carlo_rate",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -67,8 +68,8 @@ class ELBOResult:
     sigma2_mean: float  # arithmetic mean of the sigma2 entries used (per-sample: geometric mean over examples)
     sigma2_source: str  # e.g. "eval-set MLE, isotropic (ar)", "policy fixed", "given"
     distortion: float  # mean over examples of sum_d E_q (x_d - f_d(z))^2
-    rate: float  # mean KL(q(z|x) || p(z)), nats
-    kl_per_dim: list[float]
+    rate: float  # mean KL(q(z|x) || p(z)), nats (a Monte-Carlo estimate for a learnable prior)
+    kl_per_dim: list[float] | None  # None: the rate was given per example (no closed-form KL per dimension)
     num_examples: int
     num_elements: int
     sq_err_mode: str  # how E_q (x - f(z))^2 was computed: "exact", "sample" or "mean"
@@ -81,8 +82,10 @@ class ELBOAccumulator:
     """One pass of sums from which :meth:`result` gives the mean -ELBO at any sigma2 (see the module docstring).
 
     ``update(sq_err, mu, logvar)`` with elementwise squared errors (B, D) (an estimate of, or exactly,
-    E_q (x - f(z))^2) and the posterior parameters (B, q). Sums are kept in float64 on the inputs' device (no
-    host sync per batch); :meth:`reduce` combines the sums of several processes.
+    E_q (x - f(z))^2) and the posterior parameters (B, q); the rate is the closed-form KL to N(0, I) unless
+    ``rate`` (B,) is given (a learnable prior's Monte-Carlo KL, :meth:`arelbo.models.VAE.rate`), in which case
+    no KL per dimension is reported. Sums are kept in float64 on the inputs' device (no host sync per batch);
+    :meth:`reduce` combines the sums of several processes.
     """
 
     def __init__(self, per_sample_floor: float = 1e-6):
@@ -91,33 +94,48 @@ class ELBOAccumulator:
         self.sq_err_sum: Tensor | None = None  # (D,) S_d
         self.kl_sum: Tensor | None = None  # (q,)
         self._per_sample: Tensor | None = None  # (3,): sums over n of log sigma2_n, data term, sigma2_n
+        self.rate_given: bool | None = None  # True: per-example rates were given (no closed-form KL per dimension)
+        self._rate_sum: Tensor | None = None  # (1,) sum_n rate_n of the given rates (zero otherwise)
         self.sq_err_mode = "given"
 
-    def update(self, sq_err: Tensor, mu: Tensor, logvar: Tensor) -> None:
+    def update(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> None:
         if sq_err.dim() != 2 or mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
             raise ValueError(f"need sq_err (B, D) and mu, logvar (B, q); got {tuple(sq_err.shape)}, {tuple(mu.shape)}, {tuple(logvar.shape)}")
+        if self.rate_given is not None and self.rate_given != (rate is not None):
+            raise ValueError("give the rate for every batch or for none")
         sq = sq_err.detach().double()
         kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - logvar.double() - 1.0).to(sq.device)
+        if rate is None:
+            rate_sum = sq.new_zeros(1)
+        else:
+            if rate.shape != (sq.shape[0],):
+                raise ValueError(f"rate must have shape (B,) = ({sq.shape[0]},), got {tuple(rate.shape)}")
+            rate_sum = rate.detach().double().sum().reshape(1).to(sq.device)
+            kl = torch.zeros_like(kl)  # no closed-form KL per dimension under a learnable prior
+        self.rate_given = rate is not None
         per = sq.sum(1)
         s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)  # the per-sample MLE, floored
         per_sample = torch.stack([s2.log().sum(), (per / (2 * s2)).sum(), s2.sum()])
         if self.sq_err_sum is None:
             self.sq_err_sum, self.kl_sum, self._per_sample = sq.sum(0), kl.sum(0), per_sample
+            self._rate_sum = rate_sum
         else:
             self.sq_err_sum += sq.sum(0)
             self.kl_sum += kl.sum(0)
             self._per_sample += per_sample
+            self._rate_sum += rate_sum
         self.num_examples += sq.shape[0]
 
     def reduce(self, all_reduce) -> None:
         """Replace the sums by their totals over processes: ``all_reduce(flat_float64_tensor) -> summed``."""
         self._check()
-        parts = [self.sq_err_sum, self.kl_sum, self._per_sample,
+        parts = [self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum,
                  self.sq_err_sum.new_tensor([float(self.num_examples)])]
         flat = all_reduce(torch.cat([p.reshape(-1) for p in parts]))
         d, q = self.sq_err_sum.numel(), self.kl_sum.numel()
         self.sq_err_sum, self.kl_sum = flat[:d].clone(), flat[d : d + q].clone()
-        self._per_sample, self.num_examples = flat[d + q : d + q + 3].clone(), int(round(float(flat[-1])))
+        self._per_sample, self._rate_sum = flat[d + q : d + q + 3].clone(), flat[d + q + 3 : d + q + 4].clone()
+        self.num_examples = int(round(float(flat[-1])))
 
     @property
     def per_sample_log_sigma2_sum(self) -> float:
@@ -156,7 +174,7 @@ class ELBOAccumulator:
         self._check()
         n, d = self.num_examples, self.num_elements
         kl_mean = self.kl_sum.cpu() / n
-        rate = float(kl_mean.sum())
+        rate = float(self._rate_sum.cpu()[0]) / n if self.rate_given else float(kl_mean.sum())
         value, kind, auto_source = resolve_sigma2(sigma2, self, floor)
         if kind == "per-sample":
             data = (self.per_sample_data_sum + 0.5 * d * (n * LOG_2PI + self.per_sample_log_sigma2_sum)) / n
@@ -180,7 +198,7 @@ class ELBOAccumulator:
             sigma2_source=source or auto_source,
             distortion=float(self.sq_err_sum.sum().cpu() / n),
             rate=rate,
-            kl_per_dim=kl_mean.tolist(),
+            kl_per_dim=None if self.rate_given else kl_mean.tolist(),
             num_examples=n,
             num_elements=d,
             sq_err_mode=self.sq_err_mode,
@@ -238,9 +256,28 @@ def neg_elbo(
     with torch.inference_mode():
         for x in iterate_batches(loader, device, max_examples, progress):
             mu, logvar = model.encode(x)
-            acc.update(batch_sq_err(model, x, mode, generator, (mu, logvar)), mu, logvar)
+            acc.update(batch_sq_err(model, x, mode, generator, (mu, logvar)), mu, logvar,
+                       monte_carlo_rate(model, mu, logvar, generator))
     acc.sq_err_mode = mode
     return acc.result(sigma2)
+
+
+def monte_carlo_rate(model, mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+    """(B,) one-sample KL(q(z|x) || p(z)) under the model's learnable prior at a fresh z ~ q(z|x); None for the
+    standard prior (or a model without one), whose KL is taken in closed form."""
+    prior = getattr(model, "prior", None)
+    if prior is None or prior.closed_form_kl:
+        return None
+    z = mu + _randn(mu.shape, generator, mu.dtype, mu.device) * (0.5 * logvar).exp()
+    return model.rate(mu, logvar, z)
+
+
+def _log_prior(model, z: Tensor) -> Tensor:
+    """log p(z) under the model's prior, float64, for z (..., q); N(0, I) exactly as before for the standard prior."""
+    prior = getattr(model, "prior", None)
+    if prior is None or prior.closed_form_kl:
+        return -0.5 * (z.double().pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
+    return model.log_prior(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1]).double()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,7 +336,7 @@ def importance_sampled_nll(
             resid2 = (x_flat - x_hat).pow(2)
             data = (resid2 / s).sum(2) if s.dim() == 1 else resid2.sum(2) / s.reshape(-1)
             log_px = const - 0.5 * data  # (kc, B)
-            log_pz = -0.5 * (z.double().pow(2).sum(2) + q * LOG_2PI)
+            log_pz = _log_prior(model, z)
             log_qz = -0.5 * (eps.double().pow(2).sum(2) + logvar.double().sum(1) + q * LOG_2PI)
             chunk = torch.logsumexp(log_px + log_pz - log_qz, dim=0)
             running = chunk if running is None else torch.logaddexp(running, chunk)

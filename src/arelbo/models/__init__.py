@@ -1,6 +1,7 @@
 """VAE models (pure PyTorch): conv and MLP Gaussian encoders/decoders sized from the data shape, and the linear VAE."""
 
 from arelbo.models.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, conv_sizes
+from arelbo.models.priors import PRIORS, Prior, make_prior, register_prior
 from arelbo.models.vae import ARCHITECTURES, VAE, LinearVAE, VAEOutput, build_model
 
 __all__ = [
@@ -14,4 +15,8 @@ __all__ = [
     "ARCHITECTURES",
     "build_model",
     "conv_sizes",
+    "Prior",
+    "PRIORS",
+    "make_prior",
+    "register_prior",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from arelbo.models.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from arelbo.models.priors import Prior, StandardPrior, make_prior
 
 
 @dataclass(frozen=True)
@@ -21,14 +22,20 @@ class VAEOutput:
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), p(z) = N(0, I), decoder mean f(z). The loss lives apart, in
-    :mod:`arelbo.objectives`, so any decoder-variance policy can train any model."""
+    """q(z|x) = N(mu(x), diag(exp(logvar(x)))), a prior p(z) (:mod:`arelbo.models.priors`; N(0, I) by default),
+    decoder mean f(z). The loss lives apart, in :mod:`arelbo.objectives`, so any decoder-variance policy can train
+    any model with any prior."""
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, shape: Sequence[int]):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, shape: Sequence[int],
+                 prior: Prior | None = None):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.latent_dim = int(latent_dim)
         self.shape = tuple(int(s) for s in shape)
+        # the standard prior has no parameters or buffers: state_dicts of standard-prior models are unchanged
+        self.prior = prior if prior is not None else StandardPrior(self.latent_dim, self.shape)
+        if self.prior.latent_dim != self.latent_dim:
+            raise ValueError(f"prior has latent_dim {self.prior.latent_dim}, the model {self.latent_dim}")
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if tuple(x.shape[1:]) != self.shape:
@@ -48,12 +55,23 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar) if sample else mu
         return VAEOutput(self.decode(z), mu, logvar, z)
 
+    def rate(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor | None:
+        """(B,) Monte-Carlo KL(q(z|x) || p(z)) at z ~ q(z|x), or None when the prior's KL is in closed form."""
+        return self.prior.rate(mu, logvar, z, self.encoder)
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        """(B,) log p(z) under the model's prior."""
+        return self.prior.log_prob(z, self.encoder)
+
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n, q) draws z ~ p(z) from the model's prior (reproducible with a generator)."""
+        return self.prior.sample(n, generator, self.encoder)
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n decoder means f(z), z ~ N(0, I)."""
+        """n decoder means f(z), z ~ p(z) (the model's prior)."""
         ref = next(self.parameters())
-        z = torch.randn(n, self.latent_dim, generator=generator, device=ref.device if generator is None else generator.device)
-        return self.decode(z.to(device=ref.device, dtype=ref.dtype))
+        return self.decode(self.sample_latent(n, generator).to(device=ref.device, dtype=ref.dtype))
 
 
 class LinearEncoder(nn.Module):
@@ -83,9 +101,10 @@ class LinearDecoder(nn.Module):
 class LinearVAE(VAE):
     """f(z) = W z, mu = V x: the model with exact closed forms (:mod:`arelbo.linear`)."""
 
-    def __init__(self, shape: Sequence[int], latent_dim: int, bias: bool = False):
+    def __init__(self, shape: Sequence[int], latent_dim: int, bias: bool = False, prior: Prior | None = None):
         dim = math.prod(shape)
-        super().__init__(LinearEncoder(dim, latent_dim, bias), LinearDecoder(shape, latent_dim, bias), latent_dim, shape)
+        super().__init__(LinearEncoder(dim, latent_dim, bias), LinearDecoder(shape, latent_dim, bias), latent_dim, shape,
+                         prior)
 
     @property
     def W(self) -> Tensor:  # (D, q) decoder matrix
@@ -106,18 +125,23 @@ def _conv(cfg, shape) -> VAE:
     common = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, norm=cfg.norm, activation=cfg.activation)
     enc = ConvEncoder(shape, cfg.latent_dim, cfg.hidden, **common)
     dec = ConvDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation, **common)
-    return VAE(enc, dec, cfg.latent_dim, shape)
+    return VAE(enc, dec, cfg.latent_dim, shape, _prior(cfg, shape))
 
 
 def _mlp(cfg, shape) -> VAE:
     common = dict(norm=cfg.norm, activation=cfg.activation)
     enc = MLPEncoder(shape, cfg.latent_dim, cfg.hidden, **common)
     dec = MLPDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation, **common)
-    return VAE(enc, dec, cfg.latent_dim, shape)
+    return VAE(enc, dec, cfg.latent_dim, shape, _prior(cfg, shape))
 
 
 def _linear(cfg, shape) -> VAE:
-    return LinearVAE(shape, cfg.latent_dim, bias=cfg.bias)
+    return LinearVAE(shape, cfg.latent_dim, bias=cfg.bias, prior=_prior(cfg, shape))
+
+
+def _prior(cfg, shape) -> Prior:
+    """The config's prior (built after the encoder and decoder, so their initialisation does not depend on it)."""
+    return make_prior(getattr(cfg, "prior", "standard"), cfg.latent_dim, shape, **(getattr(cfg, "prior_options", None) or {}))
 
 
 ARCHITECTURES: dict[str, Callable[..., VAE]] = {"conv": _conv, "mlp": _mlp, "linear": _linear}
