@@ -90,8 +90,8 @@ def test_sample_from_the_gmm_fitted_by_eval(tmp_path, image_config, capsys):
     capsys.readouterr()
     assert arelbo("sample", run_dir, "--sampler", "gmm", "--checkpoint", "last") == 2
     assert "with other weights" in capsys.readouterr().err
-    assert arelbo("sample", run_dir, "--sampler", "flow") == 2
-    assert "unknown sampler 'flow'" in capsys.readouterr().err
+    assert arelbo("sample", run_dir, "--sampler", "maf") == 2
+    assert "unknown sampler 'maf'" in capsys.readouterr().err
 
 
 def test_train_errors_are_one_line(tmp_path, image_config, capsys):
