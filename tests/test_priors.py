@@ -355,3 +355,33 @@ def test_cli_vamp_prior_trains_samples_evaluates_and_flow_sampler(tmp_path, caps
         expected = make_grid(model.decode(flow.sample(4, torch.Generator().manual_seed(1))))
     written = np.asarray(Image.open(run_dir / "samples-flow.png"))
     np.testing.assert_array_equal(written.reshape(expected.shape), expected)
+
+
+def test_compare_with_a_learnable_prior_and_the_flow_column(tmp_path, capsys):
+    """`arelbo compare --set model.prior=mog --flow`: every run trains with the mog prior, its evaluation draws the
+    prior column from the learned prior and fits the flow sampler; results.json has the FID (flow) column."""
+    pytest.importorskip("lightning")
+    import json
+
+    from arelbo import runs
+    from arelbo.cli import main
+
+    tiny = ["data.options={n_train: 128, n_val: 32, n_test: 32, eigenvalues: [3, 2, 1, 0.5, 0.2, 0.1]}",
+            "data.batch_size=32", "data.eval_batch_size=32", "model.arch=mlp", "model.hidden=[8]", "model.latent_dim=3",
+            "model.out_activation=none", "train.schedule=none", "model.prior=mog", "model.prior_options.components=2"]
+    out = tmp_path / "st"
+    args = ["compare", "--preset", "linear-gaussian", "--out", str(out), *sum((["--set", o] for o in tiny), []),
+            "--policies", "ar", "--seeds", "0", "--epochs", "1", "--steps-per-epoch", "2", "--eval-samples", "0",
+            "--is-examples", "4", "--k", "2", "--no-gmm", "--flow", "--quiet"]
+    assert main([*args, "--dry-run"]) == 0
+    assert '"flow": true' in capsys.readouterr().out
+    assert main(args) == 0
+    run_dir = out / "runs" / "ar-s0"
+    assert runs.read_config(run_dir).model.prior == "mog"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["protocol"]["samplers"]) == {"prior", "flow"}
+    assert metrics["protocol"]["samplers"]["prior"]["fit_info"] == {"prior": "mog"}
+    assert metrics["collapse"]["kl_per_dim"] is None
+    results = json.loads((out / "results.json").read_text())
+    assert "fid_flow" in [c["key"] for c in results["columns"]]
+    assert results["policies"][0]["n_done"] == 1

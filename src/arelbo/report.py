@@ -306,7 +306,8 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
 
 
 FID_LEGEND = {"fid": "FID (own sampler: prior / two-stage)", "fid_gmm": "FID (GMM sampler)",
-              "fid_two_stage": "FID (two-stage sampler)", "fid_reconstruction": "FID of test reconstructions (floor)"}
+              "fid_two_stage": "FID (two-stage sampler)", "fid_reconstruction": "FID of test reconstructions (floor)",
+              "fid_flow": "FID (flow sampler)"}
 
 
 def plot_fid_bars(results: dict, path: Path) -> Figure | None:
@@ -489,7 +490,9 @@ NOTES = [
     "validation -ELBO stops falling) for every policy. FID (reconstructions): the test images' reconstructions "
     "f(μ(x)), the floor no sampler of that decoder is expected to beat. With several sample draws, results.json "
     "keeps the FID's sampling spread (fid_draws_std) beside the seeds' spread.",
-    "FID: the policy's own sampler (the prior N(0, I); two-stage: its second VAE). FID (GMM), when present: a "
+    "FID: the policy's own sampler (the model's prior: N(0, I), or the learnable prior it was trained with; two-stage: "
+    "its second VAE). FID (flow), when present: a masked autoregressive flow fitted to the training posterior means "
+    "(early stopping on held-out codes), decoded. FID (GMM), when present: a "
     "Gaussian mixture (10 components, or the count of --gmm-grid with the best validation likelihood) fitted to the training posterior means, decoded; the "
     "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder.",
     "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "

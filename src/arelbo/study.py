@@ -29,9 +29,11 @@ A sweep is a compare whose policy list is generated (``fixed:S`` over a grid of 
                        (default objective.anneal_steps, 10000)
 =====================  ==========================================================================================
 
-Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ N(0, I)) and, by default, also with a
-Gaussian mixture fitted to the training codes (``gmm``: a second FID column that separates decoder quality from the
-mismatch between the aggregate posterior and the prior; ``--no-gmm`` drops it).
+Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ p(z), the model's own prior: N(0, I), or
+the learnable prior of ``--set model.prior=mog|vamp|flow``) and, by default, also with a Gaussian mixture fitted to
+the training codes (``gmm``: a second FID column that separates decoder quality from the mismatch between the
+aggregate posterior and the prior; ``--no-gmm`` drops it); ``--flow`` adds a third column from a normalising flow
+fitted to the codes (``flow``).
 
 **Runs and resume.** The (policy, seed) cell lives in ``RUNS/<slug>-s<seed>/`` (``RUNS`` = ``DIR/runs`` unless
 ``runs_dir`` is given; ``two-stage`` cells point at the ``learned`` run). Before doing anything each run's state is
@@ -349,6 +351,7 @@ class EvalOptions:
     mi_examples: int = 10000
     max_examples: int | None = None  # cap on evaluation (and sampler-fitting) examples
     gmm: bool = False  # also the GMM sampler (a second FID column)
+    flow: bool = False  # also the flow sampler (a MAF fitted to the training codes: another FID column)
     two_stage_steps: int | None = None  # second-stage Adam steps (None: the sampler's default, 3000)
     two_stage_policy: str | None = None  # second-stage decoder-variance policy (None: the sampler's default, ar)
     # Sample the second stage exactly (its decoder noise included); False: its decoder mean (Dai & Wipf). Always
@@ -368,6 +371,7 @@ class EvalOptions:
 
     def samplers_for(self, headline: Iterable[str]) -> list[str]:
         names = ["prior", *headline] + (["gmm"] if self.gmm else []) + (["two-stage"] if self.two_stage_all else [])
+        names += ["flow"] if self.flow else []
         return list(dict.fromkeys(names))
 
     def sampler_options(self, samplers: Sequence[str]) -> dict:
@@ -561,8 +565,8 @@ def plan_study(
         layers.append(f"train.limit_train_batches={int(steps_per_epoch) if steps_per_epoch else 'null'}")
     base = load_config(preset, config_file, [*layers, *overrides])
     opts = EvalOptions(**{**asdict(sc.eval), **(eval_options or {})})
-    if not opts.fid and opts.gmm:  # the GMM sampler exists only as an FID column: without FID, do not fit it
-        opts = replace(opts, gmm=False)
+    if not opts.fid and (opts.gmm or opts.flow):  # ex-post samplers exist only as FID columns: without FID, no fit
+        opts = replace(opts, gmm=False, flow=False)
     if opts.fid_repeats < 1 or (opts.two_stage_patience is not None and opts.two_stage_patience < 1):
         raise StudyError(f"--fid-repeats and --two-stage-patience must be >= 1, got {opts.fid_repeats}, "
                          f"{opts.two_stage_patience}")
@@ -990,11 +994,12 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
 # Aggregation
 
 # (key, label, unit, digits): the table's columns, in order. "fid" is the policy's own sampler (prior, or
-# two-stage for the two-stage policy); "fid_gmm" appears when the GMM sampler was evaluated.
+# two-stage for the two-stage policy); "fid_gmm" / "fid_flow" appear when the GMM / flow sampler was evaluated.
 COLUMNS = [
     ("fid", "FID", "", 2),
     ("fid_gmm", "FID (GMM)", "", 2),
     ("fid_two_stage", "FID (two-stage)", "", 2),
+    ("fid_flow", "FID (flow)", "", 2),
     ("fid_reconstruction", "FID (reconstructions)", "", 2),
     ("active_units", "active units", "", 3),
     ("kl_total", "KL", "nats", 3),
@@ -1058,7 +1063,7 @@ def final_sigma2(run_dir: Path, metrics: dict | None = None, step: int | None = 
 
 
 def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int | None = None,
-               two_stage: bool = False) -> tuple[dict, dict]:
+               two_stage: bool = False, flow: bool = False) -> tuple[dict, dict]:
     """The table's values for one run (None where unavailable) and the reasons for unavailable FIDs; ``step``:
     the values of the snapshot at that global step (its sigma2 from the training log up to there)."""
     s = metrics.get("summary") or {}
@@ -1090,21 +1095,19 @@ def run_values(run_dir: Path, metrics: dict, sampler: str, gmm: bool, step: int 
     values["fid"], why = _fid_of(metrics, sampler)
     if why:
         reasons["fid"] = why
-    if gmm:
-        values["fid_gmm"], why = _fid_of(metrics, "gmm")
-        if why:
-            reasons["fid_gmm"] = why
-    if two_stage:
-        values["fid_two_stage"], why = _fid_of(metrics, "two-stage")
-        if why:
-            reasons["fid_two_stage"] = why
+    for key, name, wanted in (("fid_gmm", "gmm", gmm), ("fid_two_stage", "two-stage", two_stage),
+                              ("fid_flow", "flow", flow)):
+        if wanted:
+            values[key], why = _fid_of(metrics, name)
+            if why:
+                reasons[key] = why
     rec = metrics.get("fid_reconstruction") or {}
     values["fid_reconstruction"] = rec.get("fid")
     if rec.get("fid") is None:
         skipped = ((metrics.get("protocol") or {}).get("fid") or {}).get("skipped")
         reasons["fid_reconstruction"] = rec.get("error") or skipped or "not measured"
     # the FID's sampling spread (std over independent draws), beside the training seeds' spread
-    for key, name in (("fid", sampler), ("fid_gmm", "gmm"), ("fid_two_stage", "two-stage")):
+    for key, name in (("fid", sampler), ("fid_gmm", "gmm"), ("fid_two_stage", "two-stage"), ("fid_flow", "flow")):
         draws = ((metrics.get("fid") or {}).get(name) or {}).get("sample_draws") or {}
         values[f"{key}_draws_std"] = draws.get("std")
     fits = (metrics.get("protocol") or {}).get("samplers") or {}
@@ -1119,6 +1122,8 @@ def _column_evaluated(key: str, opts: EvalOptions) -> bool:
         return opts.gmm
     if key == "fid_two_stage":
         return opts.two_stage_all
+    if key == "fid_flow":
+        return opts.flow
     if key == "fid_reconstruction":
         return opts.fid and opts.fid_reconstruction and opts.n_samples > 0
     return True
@@ -1154,7 +1159,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
             else:
                 metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
                 values, reasons = run_values(run.run_dir, metrics, p.sampler, plan.eval.gmm,
-                                             two_stage=plan.eval.two_stage_all)
+                                             two_stage=plan.eval.two_stage_all, flow=plan.eval.flow)
                 entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm, plan.eval.two_stage_all)
                 entry["global_step"] = (metrics.get("checkpoint") or {}).get("global_step")
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
@@ -1168,7 +1173,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         done = [c for c in cells if c["status"] == "done"]
         agg = {k: aggregate_values([c["values"].get(k) for c in done]) for k in keys}
         notes = {}
-        for k in ("fid", "fid_gmm", "fid_two_stage", "fid_reconstruction", "neg_elbo", "neg_elbo_bpd"):
+        for k in ("fid", "fid_gmm", "fid_two_stage", "fid_flow", "fid_reconstruction", "neg_elbo", "neg_elbo_bpd"):
             reasons = sorted({c["unavailable"][k] for c in done if k in c.get("unavailable", {})})
             if reasons and agg[k]["n"] == 0:
                 notes[k] = "; ".join(reasons)

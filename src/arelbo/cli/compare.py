@@ -47,7 +47,9 @@ policy specs (comma-separated in --policies and --reference):
   ar-annealed[:N]  AR-ELBO with a sigma^2 floor decaying log-linearly from 1 over N steps (default 10000)
   NAME[:VALUE]     any other registered decoder-variance policy (VALUE: its spec option; docs/method.md)
 Every policy but two-stage generates with the prior sampler for FID, and with a Gaussian mixture fitted to its
-training codes for a second FID column ("FID (GMM)"; --no-gmm drops it). The two-stage sampler samples its second
+training codes for a second FID column ("FID (GMM)"; --no-gmm drops it); --flow adds "FID (flow)", a masked
+autoregressive flow fitted to the codes. The prior sampler draws from the model's own prior: N(0, I), or the
+learnable prior every run is trained with under --set model.prior=mog|vamp|flow. The two-stage sampler samples its second
 VAE exactly (decoder noise included); --two-stage-mean uses the decoder mean alone, as Dai & Wipf.
 
 output:
@@ -128,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "steps for every run)")
     parser.add_argument("--gmm", action=argparse.BooleanOptionalAction, default=None,
                         help="also judge every policy with a GMM sampler (default: on)")
+    parser.add_argument("--flow", action="store_true",
+                        help="also judge every policy with a flow sampler (a MAF fitted to the training codes)")
     parser.add_argument("--two-stage-mean", action="store_true",
                         help="two-stage sampler: the second VAE's decoder mean alone (Dai & Wipf), not exact samples")
     parser.add_argument("--no-fid", action="store_true", help="skip FID (e.g. CelebA: no feature network here)")
@@ -194,6 +198,8 @@ def build_plan(args: argparse.Namespace, kind: str | None = None):
         eval_options["two_stage_steps"] = args.two_stage_steps
     if args.gmm is not None:
         eval_options["gmm"] = args.gmm
+    if args.flow:
+        eval_options["flow"] = True
     if args.two_stage_mean:
         eval_options["two_stage_noise"] = False
     if args.no_fid:
