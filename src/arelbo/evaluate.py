@@ -603,7 +603,7 @@ def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Sam
         "checkpoint": {"which": which, "file": ckpt_file.name, "step": _clean(ckpt.get("global_step")),
                        "epoch": _clean(ckpt.get("epoch")), "global_step": _clean(ckpt.get("global_step"))},
         "run": {"dataset": splits.name, "data_shape": list(splits.shape), "arch": cfg.get("model", {}).get("arch"),
-                "latent_dim": q, "policy": policy_name, "prior": model.prior.name},
+                "latent_dim": q, "policy": policy_name, "prior": run.model.prior.name},
         "protocol": {
             "split": split,
             "num_examples": n_eval,
@@ -621,8 +621,8 @@ def _metrics(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Sam
                            "convention": "pixels stored as v/255, v in {0..255}; scored x~ = (v + u - 1/2)/255, "
                                          "u ~ U[0,1)^D; bits/dim (discrete) = (nats + D ln 255) / (D ln 2), an "
                                          "upper bound on -log2 P(v) / D" if dequantize else None},
-            "rate": ("closed-form KL(q(z|x) || N(0, I)), per latent dimension" if model.prior.closed_form_kl else
-                     f"one-sample Monte-Carlo KL(q(z|x) || p(z)) under the learned {model.prior.name!r} prior "
+            "rate": ("closed-form KL(q(z|x) || N(0, I)), per latent dimension" if run.model.prior.closed_form_kl else
+                     f"one-sample Monte-Carlo KL(q(z|x) || p(z)) under the learned {run.model.prior.name!r} prior "
                      "(q's entropy in closed form); no KL per dimension"),
             "active_threshold": threshold,
             "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
