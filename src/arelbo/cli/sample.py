@@ -1,6 +1,7 @@
-"""``arelbo sample``: a PNG grid of decoder means f(z) from a trained run, z from the prior or a fitted sampler.
+"""``arelbo sample``: a PNG grid of decoder means f(z) from a trained run, z from the model's own prior (N(0, I) or
+the learnable prior it was trained with) or a fitted sampler.
 
-``--sampler gmm`` / ``two-stage`` reuse the fit ``arelbo eval`` saved in ``RUN_DIR/samplers/`` (it is tied to the
+``--sampler gmm`` / ``flow`` / ``two-stage`` reuse the fit ``arelbo eval`` saved in ``RUN_DIR/samplers/`` (it is tied to the
 checkpoint's sha256, so a fit for another checkpoint is refused rather than silently used).
 """
 
@@ -17,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nrow", type=int, default=None, help="images per row (default: about square)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a file in checkpoints/")
     parser.add_argument("--sampler", default="prior",
-                        help="prior (default), or an ex-post sampler fitted by `arelbo eval` (gmm, two-stage)")
+                        help="prior (default: the model's own prior), or an ex-post sampler fitted by `arelbo eval` "
+                             "(gmm, flow, two-stage)")
     parser.add_argument("--out", metavar="FILE.png",
                         help="output file (default: RUN_DIR/samples.png; RUN_DIR/samples-SAMPLER.png)")
 
