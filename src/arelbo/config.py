@@ -442,6 +442,8 @@ def read_yaml(path) -> dict:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the path of a YAML file (e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:

@@ -109,11 +109,22 @@ def sampler_file(run_dir, name: str, which: str = "best") -> Path:
 
 
 def resolve_device(device: str) -> str:
-    """``auto``: CUDA when available, else CPU; anything else as given."""
+    """``auto``: CUDA when available, else CPU; anything else as given, once checked to exist here (a device that
+    does not is a setting to change, said before any work is done)."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, mps, auto): {err}") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+    if not available.get(dev.type, lambda: True)():
+        raise ValueError(f"--device {device}: no {dev.type} device is available here; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return str(device)
 
 
@@ -285,6 +296,12 @@ def _load(run_dir: Path, c) -> Loaded:
     from arelbo.runs import checkpoint_path, load_model
 
     sampler_names = _parse_samplers(c.samplers)
+    if c.feature_net is not None:
+        from arelbo.metrics.features import FEATURE_NETS
+
+        if c.feature_net not in FEATURE_NETS:
+            raise ValueError(f"--feature-net: unknown feature network {c.feature_net!r}; choose from "
+                             f"{', '.join(sorted(FEATURE_NETS))}")
     sampler_options = dict(c.sampler_options or {})
     bad = sorted(set(sampler_options) - set(sampler_names))
     if bad:
@@ -450,12 +467,12 @@ def _samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict)
     net = c.feature_net or _default_feature_net(run.splits.shape)
     if fid_fn is not None and run.sampler_names and n_samples > 0:
         try:  # fail once, before any sample is drawn, when the feature network cannot be loaded
-            from arelbo.metrics.features import get_feature_net
+            from arelbo.metrics.features import FeatureNetUnavailable, get_feature_net
 
             get_feature_net(net)[0].to(device)  # features on the evaluation's device (a GPU when there is one)
         except ImportError:
             pass  # no separate loader to check: compute_fid reports its own errors
-        except Exception as err:
+        except (FeatureNetUnavailable, FileNotFoundError) as err:  # e.g. offline without Inception weights
             fid_fn, fid_unavailable = None, f"feature network {net!r} unavailable: {type(err).__name__}: {err}"
     use_kid = (n_samples < 2048) if c.kid is None else bool(c.kid)
     reference_name = f"{run.splits.name}:{c.split}" + (f"[:{enc.num_examples}]" if c.max_examples is not None else "")

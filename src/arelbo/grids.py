@@ -46,6 +46,8 @@ def sample_grid(run_dir, n: int = 64, seed: int = 0, nrow=None, checkpoint: str 
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if nrow is not None and nrow < 1:
+        raise ValueError(f"--nrow must be >= 1 (images per row), got {nrow}")
     model, _, _ = load_model(run_dir, checkpoint)
     generator = torch.Generator().manual_seed(seed)
     if sampler == "prior":
@@ -63,6 +65,8 @@ def reconstruction_grid(run_dir, n: int = 32, split: str = "test", nrow: int = 8
 
     if n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
+    if nrow < 1:
+        raise ValueError(f"--nrow must be >= 1 (images per row), got {nrow}")
     model, _, ckpt = load_model(run_dir, checkpoint)
     if splits is None:
         d = ckpt["config"]["data"]

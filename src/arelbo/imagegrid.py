@@ -45,6 +45,18 @@ def _to_rgb(grid: np.ndarray) -> np.ndarray:
     return np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
 
 
+def check_png_path(path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that is a folder or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give a file name, e.g. {path / 'samples.png'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            break
+
+
 def save_png(grid: np.ndarray, path) -> Path:
     """Write an (H, W, C) uint8 array as PNG (atomically), creating the folder."""
     import io

@@ -42,6 +42,7 @@ __all__ = [
     "fixed_sigma_optimum",
     "eigenvalues_of",
     "second_moment",
+    "data_from_second_moment",
     "gaussian_data",
     "factor_analysis_data",
     "ppca_sigma2",
@@ -92,6 +93,22 @@ def second_moment(data) -> np.ndarray:
         raise ValueError(f"data must be (N, D) or (N, ...), got shape {x.shape}")
     x = x.reshape(x.shape[0], -1)
     return x.T @ x / x.shape[0]
+
+
+def data_from_second_moment(cov, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A (2D, D) zero-mean data set whose second moment X^T X / N is exactly ``cov`` (symmetric PSD, (D, D)).
+
+    Rows are +-sqrt(D) times the columns of Q diag(sqrt(l)) (C = Q diag(l) Q^T). The linear VAE's exact loss
+    under every policy whose sigma2 pools the batch (all but ``ar-per-sample``) depends on the data only through
+    C, so fitting on these rows is fitting on C.
+    """
+    c = _as_numpy(cov)
+    if c.ndim != 2:
+        raise ValueError(f"cov must be a (D, D) matrix, got shape {c.shape}")
+    eigenvalues_of(c)  # square, symmetric, finite, PSD: or a clear error
+    lam, q = np.linalg.eigh(0.5 * (c + c.T))
+    half = (q * np.sqrt(np.clip(lam, 0.0, None))).T * math.sqrt(c.shape[0])  # rows r_i with sum r_i r_i^T = D C
+    return torch.from_numpy(np.concatenate([half, -half])).to(dtype)
 
 
 def gaussian_data(eigenvalues, n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -267,6 +284,9 @@ class LinearFit(NamedTuple):
     model: LinearVAE
     loss_fn: GaussianVAELoss
     output: LossOutput  # the exact (noise-integrated) loss at the final parameters, computed in eval mode
+    grad_max: float = float("nan")  # max |d loss / d parameter| at the end (exact fits): the convergence measure
+    converged: bool = False  # grad_max <= tol (always False for Monte-Carlo and ar-ema fits, which have no such test)
+    rounds: int = 0  # L-BFGS + Newton rounds run
 
 
 def _prepare_data(data, dtype: torch.dtype) -> Tensor:
@@ -293,6 +313,9 @@ def fit_linear_vae(
     dtype: torch.dtype = torch.float64,
     model: LinearVAE | None = None,
     newton_steps: int = 6,
+    cov=None,
+    tol: float = 1e-6,
+    max_rounds: int = 4,
 ) -> LinearFit:
     """Train a :class:`LinearVAE` (no bias) on ``data`` (N, D) full-batch with ``GaussianVAELoss(policy)``.
 
@@ -306,13 +329,32 @@ def fit_linear_vae(
     ``exact=False``: ``steps`` Adam steps on the ordinary reparameterised forward ``model(x)`` (one noise draw
     per step), learning rate cosine-annealed to ``lr / 1000`` so the Monte-Carlo noise averages out.
 
+    Convergence: an exact fit repeats the L-BFGS + Newton round (up to ``max_rounds``) until the largest gradient
+    entry of the loss is at most ``tol``, or until a round no longer lowers the loss; :class:`LinearFit` returns that
+    measure (``grad_max``) and ``converged``. A fit that stops short, e.g. when an ``ar-diagonal`` (factor
+    analysis) optimum lies on the boundary (a variance -> 0, a Heywood case) and is approached only slowly, says
+    so rather than passing as an optimum.
+
+    ``cov``: fit on a (D, D) second moment instead of data (``data=None``): the exact loss depends on the data only
+    through it (:func:`data_from_second_moment`); not for ``ar-per-sample``, whose sigma2 is per data point.
+
     The global RNG is left untouched (initialisation and noise use a forked RNG seeded with ``seed``). Returns
-    :class:`LinearFit` (model, loss_fn, output) where ``output`` is the exact loss at the final parameters.
+    :class:`LinearFit` (model, loss_fn, output, grad_max, converged, rounds) where ``output`` is the exact loss at
+    the final parameters.
     """
     latent_dim = _check_latent_dim(latent_dim)
+    if (data is None) == (cov is None):
+        raise ValueError("give either data (N, D) or cov (D, D), not both and not neither")
+    if cov is not None:
+        if policy == "ar-per-sample":
+            raise ValueError("ar-per-sample's sigma2 is per data point: its loss is not a function of the covariance; "
+                             "pass data instead of cov")
+        if not exact:
+            raise ValueError("cov needs exact=True (the Monte-Carlo fit samples data points)")
+        data = data_from_second_moment(cov, dtype)
     x = _prepare_data(data, dtype)
-    if steps < 0 or lbfgs_steps < 0:
-        raise ValueError("steps and lbfgs_steps must be >= 0")
+    if steps < 0 or lbfgs_steps < 0 or max_rounds < 1 or not tol > 0:
+        raise ValueError("steps and lbfgs_steps must be >= 0, max_rounds >= 1 and tol > 0")
     loss_fn = GaussianVAELoss(policy, sigma2_floor=sigma2_floor, **(policy_kwargs or {})).to(dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -339,19 +381,24 @@ def fit_linear_vae(
                 adam.step()
                 if sched is not None:
                     sched.step()
-        if exact and lbfgs_steps and not isinstance(loss_fn.policy, AREMA):
+        polish = exact and not isinstance(loss_fn.policy, AREMA)
+        grad_max, rounds = float("nan"), 0
+        if polish:
+            grad_max, previous = _grad_max(exact_loss, params)
+        while polish and lbfgs_steps and rounds < max_rounds and not grad_max <= tol:
+            rounds += 1
             lbfgs = torch.optim.LBFGS(
                 params,
                 lr=1.0,
                 max_iter=lbfgs_steps,
                 max_eval=2 * lbfgs_steps,
-                tolerance_grad=1e-7,
+                tolerance_grad=min(1e-7, tol),
                 tolerance_change=1e-15,
                 history_size=50,
                 line_search_fn="strong_wolfe",
             )
 
-            def closure() -> Tensor:
+            def closure(lbfgs=lbfgs) -> Tensor:
                 lbfgs.zero_grad(set_to_none=True)
                 loss = exact_loss()
                 loss.backward()
@@ -360,13 +407,24 @@ def fit_linear_vae(
             lbfgs.step(closure)
             if newton_steps:
                 _newton_polish(model, loss_fn, x, newton_steps)
+            grad_max, value = _grad_max(exact_loss, params)
+            if not value < previous - 1e-12 * abs(previous):  # this round gained nothing: more would not either
+                break
+            previous = value
     was_training = loss_fn.training
     loss_fn.eval()
     with torch.no_grad():
         mu, logvar = model.encode(x)
         output = loss_fn.from_sq_err(model.expected_sq_err(x), mu, logvar)
     loss_fn.train(was_training)
-    return LinearFit(model, loss_fn, output)
+    return LinearFit(model, loss_fn, output, grad_max, bool(polish and grad_max <= tol), rounds)
+
+
+def _grad_max(loss_fn, params) -> tuple[float, float]:
+    """(max |gradient entry|, value) of a scalar loss closure at the current parameters."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return max((float(g.abs().max()) for g in grads if g is not None), default=0.0), float(loss.detach())
 
 
 # The AR policies return sigma2 detached (the envelope-theorem form). Their loss has the right value and gradient,
@@ -455,10 +513,13 @@ class LinearSummary:
 
 
 @torch.no_grad()
-def summarize_linear_vae(model: LinearVAE, data, threshold: float = ACTIVE_THRESHOLD) -> LinearSummary:
-    """Column norms, encoder variances, Var(mu_j), per-dimension KL and active units (Var(mu_j) > threshold)."""
+def summarize_linear_vae(model: LinearVAE, data=None, threshold: float = ACTIVE_THRESHOLD, *, cov=None) -> LinearSummary:
+    """Column norms, encoder variances, Var(mu_j), per-dimension KL and active units (Var(mu_j) > threshold),
+    over ``data`` (N, D) or, as for a zero-mean data set with that second moment, over ``cov`` (D, D)."""
     ref = next(model.parameters())
-    x = _prepare_data(data, ref.dtype)
+    if (data is None) == (cov is None):
+        raise ValueError("give either data (N, D) or cov (D, D), not both and not neither")
+    x = _prepare_data(data if cov is None else data_from_second_moment(cov, ref.dtype), ref.dtype)
     mu, logvar = model.encode(x)
     s = logvar.exp().mean(0)
     norms2 = model.W.pow(2).sum(0)

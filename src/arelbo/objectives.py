@@ -24,10 +24,16 @@ Usage in any loop::
     loss_fn = GaussianVAELoss("ar")
     out = loss_fn(x, x_hat, mu, logvar)   # LossOutput: loss, distortion, rate, kl_per_dim, sigma2, neg_elbo, ...
     out.loss.backward()
+
+Under torch.distributed the ``ar*`` policies all-reduce their sums over the default process group. A call made
+on only some ranks (rank-0 validation) must opt out, or it waits for the other ranks for ever:
+``GaussianVAELoss("ar", all_reduce=False)`` (or ``loss_fn.all_reduce = False``), or name the ranks that take
+part with ``process_group=``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import typing
@@ -42,6 +48,7 @@ from arelbo.registry import build, register
 
 __all__ = [
     "LossOutput",
+    "NonFiniteError",
     "DecoderVariance",
     "HeldOutSigma2",
     "PolicyOption",
@@ -59,6 +66,10 @@ LOG_2PI = math.log(2.0 * math.pi)
 DEFAULT_POLICY = "ar"  # AR-ELBO, isotropic: the method this package is about
 
 
+class NonFiniteError(ValueError):
+    """The loss came out NaN or inf; the message names the input that holds NaN or inf when there is one."""
+
+
 @dataclass(frozen=True)
 class LossOutput:
     """What one call of the loss returns. Per-sample tensors have shape (B,)."""
@@ -71,6 +82,14 @@ class LossOutput:
     neg_elbo: Tensor  # scalar: batch mean of -ELBO in nats, all constants included
     bits_per_dim: Tensor  # scalar: neg_elbo / (D ln 2), for the data on the scale it was given
     num_elements: int  # D
+    pending_check: Tensor | None = None  # a deferred finiteness check (accelerators, check_finite="auto")
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` if a deferred finiteness check failed (one device sync)."""
+        if self.pending_check is not None and not bool(self.pending_check):
+            raise NonFiniteError(
+                "the loss is NaN or inf: some input (x, x_hat, mu or logvar) holds NaN or inf, or sigma2 overflowed"
+            )
 
     @property
     def sigma2_mean(self) -> Tensor:
@@ -78,7 +97,8 @@ class LossOutput:
         return self.sigma2.float().mean()
 
     def scalars(self) -> dict[str, float]:
-        """Detached Python floats for loggers (one device sync)."""
+        """Detached Python floats for loggers (one device sync; runs a deferred finiteness check)."""
+        self.check_finite()
         values = torch.stack(
             [
                 self.loss.detach().float(),
@@ -120,14 +140,29 @@ def _as_elementwise(sigma2: Tensor, sq_err: Tensor) -> Tensor:
     return sigma2
 
 
+def _check_float(**tensors: Tensor) -> None:
+    """Integer inputs would be silently read on their own scale (uint8 pixels give sigma2 ~ 1e4)."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(
+                f"{name} has dtype {t.dtype}: the loss needs floating-point tensors (convert uint8 pixels to "
+                "[0, 1] first, e.g. x.float() / 255 or arelbo.data.to_float)"
+            )
+
+
 def _upcast(t: Tensor) -> Tensor:
     """At least float32 (half/bfloat16 inputs are computed in float32); float64 stays float64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _global_sums(*tensors: Tensor, group=None) -> list[Tensor]:
-    """All-reduce (sum) detached statistics across ranks when running under torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+def _reduces(group=None, enabled: bool = True) -> bool:
+    """Whether statistics are all-reduced: enabled, under torch.distributed, and more than one rank in ``group``."""
+    return enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _global_sums(*tensors: Tensor, group=None, enabled: bool = True) -> list[Tensor]:
+    """All-reduce (sum) detached statistics across the ranks of ``group`` when running under torch.distributed."""
+    if not _reduces(group, enabled):
         return list(tensors)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
@@ -200,6 +235,13 @@ class DecoderVariance(nn.Module):
     spec_example: ClassVar[str] = "1"
     spec_form: ClassVar[str] = ""  # how help texts show the spec, e.g. "fixed:S (S > 0)" (default from the above)
     kl_weight: float = 1.0
+    # Where the ar* policies all-reduce their statistics (set through GaussianVAELoss): the process group
+    # (None: the default group) and whether to all-reduce at all.
+    process_group = None
+    all_reduce: bool = True
+
+    def _sums(self, *tensors: Tensor) -> list[Tensor]:
+        return _global_sums(*tensors, group=self.process_group, enabled=self.all_reduce)
 
     def __init__(self, floor: float = 1e-6):
         super().__init__()
@@ -369,6 +411,26 @@ class Beta(Fixed):
         return f"beta={self.beta:g}"
 
 
+class _FloorUp(torch.autograd.Function):
+    """max(s, floor) whose gradient below the floor still flows when it points upwards (descent raises s).
+
+    The value is the clamp's; above the floor the gradient is the identity's. Below it, a gradient that would
+    raise s passes unchanged and one that would lower it further is dropped, so the parameter neither sticks at
+    the floor (clamp_min's zero gradient) nor drifts away below it.
+    """
+
+    @staticmethod
+    def forward(ctx, s: Tensor, floor: float) -> Tensor:
+        below = s < floor
+        ctx.save_for_backward(below)
+        return torch.where(below, torch.full_like(s, floor), s)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (below,) = ctx.saved_tensors
+        return torch.where(below & (grad > 0), torch.zeros_like(grad), grad), None
+
+
 @register_policy
 class Learned(DecoderVariance):
     """log sigma2 an ``nn.Parameter`` trained by gradient with the rest (Dai & Wipf's gamma; sigma-VAE).
@@ -414,12 +476,13 @@ class Learned(DecoderVariance):
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         if self.init_mle and self.training and not bool(self.initialised):
-            total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+            total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
             with torch.no_grad():
                 self.log_sigma2.copy_((total / count).clamp_min(self.floor).log().to(self.log_sigma2.dtype))
                 self.initialised.fill_(True)
-        # A floor through a smooth max would bias the optimum; clamp only where it binds.
-        return self.log_sigma2.exp().clamp_min(self.floor).to(sq_err.dtype)
+        # A floor through a smooth max would bias the optimum; floor only where it binds, and keep the gradient
+        # that lifts sigma2 back above the floor (a plain clamp_min would leave it stuck there for ever).
+        return _FloorUp.apply(self.log_sigma2.exp(), self.floor).to(sq_err.dtype)
 
     def held_out_sigma2(self, stats) -> HeldOutSigma2:
         return self.own_sigma2()
@@ -437,7 +500,7 @@ class AR(DecoderVariance):
     label = "AR-ELBO"
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
-        total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+        total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
         return (total / count).clamp_min(self.floor).to(sq_err.dtype)
 
     def mle_sigma2(self, sq_err: Tensor) -> Tensor:
@@ -452,7 +515,13 @@ class ARDiagonal(DecoderVariance):
     label = "AR-ELBO diagonal"
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
-        total, count = _global_sums(sq_err.detach().sum(0), sq_err.new_tensor(float(sq_err.shape[0])))
+        if sq_err.shape[0] < 2 and not _reduces(self.process_group, self.all_reduce):
+            raise ValueError(
+                f"ar-diagonal needs at least 2 samples per batch, got {sq_err.shape[0]}: with one sample each "
+                "sigma2_d is that sample's own squared error and the -ELBO is degenerate; use a larger batch, "
+                "or the ar / ar-per-sample policy"
+            )
+        total, count = self._sums(sq_err.detach().sum(0), sq_err.new_tensor(float(sq_err.shape[0])))
         return (total / count).clamp_min(self.floor).to(sq_err.dtype)
 
     def mle_sigma2(self, sq_err: Tensor) -> Tensor:
@@ -510,7 +579,7 @@ class AREMA(DecoderVariance):
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         if self.training:
-            total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+            total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
             batch = (total / count).to(self.running_sigma2.dtype)
             with torch.no_grad():
                 if self.num_updates.item() == 0:
@@ -559,7 +628,7 @@ class ARAnnealed(DecoderVariance):
         floor_t = self.current_floor()
         if self.training:
             self.num_steps.add_(1)
-        total, count = _global_sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
+        total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
         return (total / count).clamp_min(floor_t).to(sq_err.dtype)
 
     def extra_repr(self) -> str:
@@ -577,16 +646,27 @@ class GaussianVAELoss(nn.Module):
         policy: a registered name (``"ar"`` default, ``"fixed"``, ``"beta"``, ``"learned"``, ``"ar-diagonal"``,
             ``"ar-per-sample"``, ``"ar-ema"``, ``"ar-annealed"``) or a :class:`DecoderVariance` instance.
         sigma2_floor: numerical floor on sigma2 (near-perfect reconstruction would send log sigma2 to -inf).
-        check_finite: raise on NaN/inf in the inputs (costs one device sync per call; turn off in hot loops
-            that already guard the loss).
+        check_finite: what to do when the loss comes out NaN or inf (a NaN/inf anywhere in x, x_hat, mu or
+            logvar makes it so). ``"auto"`` (default): raise :class:`NonFiniteError`, naming the input at fault,
+            at once for CPU tensors (no sync needed); on an accelerator, where reading a device value stalls the
+            step, the check is deferred to the first host read of the output (``out.scalars()`` or
+            ``out.check_finite()``). ``True``: always check at once (one device sync per call on accelerators).
+            ``False``: never check (loops that already guard the loss).
+        process_group: the ranks whose statistics the ``ar*`` policies all-reduce (None: the default group).
+        all_reduce: False keeps sigma2 local to this process even under torch.distributed: needed when only some
+            ranks call the loss (rank-0 validation), which otherwise waits for the others for ever.
         **policy_kwargs: the policy's own arguments, e.g. ``sigma2=0.1`` for ``"fixed"``.
+
+    Inputs must be floating point (uint8 pixels: divide by 255 first) with a batch of at least one sample.
     """
 
     def __init__(
         self,
         policy: str | DecoderVariance = "ar",
         sigma2_floor: float = 1e-6,
-        check_finite: bool = True,
+        check_finite: bool | str = "auto",
+        process_group=None,
+        all_reduce: bool = True,
         **policy_kwargs,
     ):
         super().__init__()
@@ -596,14 +676,34 @@ class GaussianVAELoss(nn.Module):
             self.policy = policy
         else:
             self.policy = make_policy(policy, floor=sigma2_floor, **policy_kwargs)
+        if not (isinstance(check_finite, bool) or check_finite == "auto"):
+            raise ValueError(f"check_finite must be 'auto', True or False, got {check_finite!r}")
         self.check_finite = check_finite
+        self.process_group = process_group
+        self.all_reduce = all_reduce
+
+    @property
+    def process_group(self):
+        return self.policy.process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        self.policy.process_group = group
+
+    @property
+    def all_reduce(self) -> bool:
+        return self.policy.all_reduce
+
+    @all_reduce.setter
+    def all_reduce(self, enabled: bool) -> None:
+        self.policy.all_reduce = bool(enabled)
 
     @property
     def policy_name(self) -> str:
         return self.policy.name
 
     def forward(self, x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
-        """x and x_hat of the same shape (B, ...); mu and logvar of shape (B, q).
+        """x and x_hat of the same shape (B, ...), floating point; mu and logvar of shape (B, q).
 
         ``rate``: a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than N(0, I) (e.g. the Monte-Carlo
         estimate of :meth:`arelbo.models.VAE.rate`); None (default): the closed-form KL to N(0, I).
@@ -612,23 +712,30 @@ class GaussianVAELoss(nn.Module):
             raise ValueError(f"x and reconstruction differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}")
         if x.dim() < 2:
             raise ValueError(f"x must be batched (B, ...), got shape {tuple(x.shape)}")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or inf")
+        _check_float(x=x, x_hat=x_hat)
         diff = _upcast(x.flatten(1)) - _upcast(x_hat.flatten(1))
-        return self.from_sq_err(diff * diff, mu, logvar, rate)
+        out = self._compute(diff * diff, mu, logvar, rate)
+        given = {} if rate is None else {"rate": rate}
+        return self._checked(out, x=x, x_hat=x_hat, mu=mu, logvar=logvar, **given)
 
     def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
         """The loss from elementwise squared errors (B, D), e.g. an exact expectation E_q (x_d - f_d(z))^2;
         ``rate`` as in :meth:`forward`."""
+        out = self._compute(sq_err, mu, logvar, rate)
+        given = {} if rate is None else {"rate": rate}
+        return self._checked(out, sq_err=sq_err, mu=mu, logvar=logvar, **given)
+
+    def _compute(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None) -> LossOutput:
         if sq_err.dim() != 2:
             raise ValueError(f"sq_err must have shape (B, D), got {tuple(sq_err.shape)}")
+        if sq_err.shape[0] == 0:
+            raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
         if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
             raise ValueError(
                 f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (B, q) with "
                 f"B = {sq_err.shape[0]} matching x"
             )
-        if self.check_finite and not bool(torch.isfinite(mu).all() & torch.isfinite(logvar).all()):
-            raise ValueError("encoder output (mu or logvar) contains NaN or inf")
+        _check_float(sq_err=sq_err, mu=mu, logvar=logvar)
         if rate is None:
             kl = gaussian_kl(_upcast(mu), _upcast(logvar))
             rate = kl.sum(1)
@@ -636,6 +743,7 @@ class GaussianVAELoss(nn.Module):
         else:
             if rate.shape != (sq_err.shape[0],):
                 raise ValueError(f"rate must have shape (B,) = ({sq_err.shape[0]},), got {tuple(rate.shape)}")
+            _check_float(rate=rate)
             rate = _upcast(rate)
             kl_per_dim = torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
         sigma2 = self.policy.sigma2(sq_err)
@@ -653,6 +761,25 @@ class GaussianVAELoss(nn.Module):
             bits_per_dim=neg_elbo / (num_elements * math.log(2.0)),
             num_elements=num_elements,
         )
+
+    def _checked(self, out: LossOutput, **inputs: Tensor) -> LossOutput:
+        """Check the loss scalar (NaN/inf in any input reaches it): one cheap test instead of one per input."""
+        mode = self.check_finite
+        if mode is False:
+            return out
+        finite = torch.isfinite(out.loss.detach())
+        if mode == "auto" and finite.device.type != "cpu":  # reading it now would stall the device: defer
+            return dataclasses.replace(out, pending_check=finite)
+        if not bool(finite):
+            for name, t in inputs.items():
+                if not bool(torch.isfinite(t).all()):
+                    what = "encoder output (mu or logvar)" if name in ("mu", "logvar") else name
+                    raise NonFiniteError(f"{what} contains NaN or inf ({name} {tuple(t.shape)}): the loss would be NaN")
+            raise NonFiniteError(
+                f"the {self.policy.name!r} loss is {out.loss.item()} with finite inputs: sigma2 or the squared "
+                "error overflowed (rescale the data to about [0, 1])"
+            )
+        return out
 
     def extra_repr(self) -> str:
         return f"policy={self.policy.name!r}"

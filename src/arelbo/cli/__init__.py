@@ -6,8 +6,11 @@ matplotlib) inside ``run``, so help answers fast and a core install (no extras) 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import pickle
 import sys
+import traceback
 
 # subcommand -> (module, one-line help). Adding a command is one line here plus the module's two functions.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,6 +44,76 @@ EXTRA_OF_MODULE: dict[str, str] = {
 }
 
 
+class CommandError(Exception):
+    """An expected failure of a command (bad input, missing file, unusable device): the CLI prints its message
+    as one line and exits with ``exit_code``. ValueError, OSError and a few library errors count as expected
+    too (see :func:`expected_message`); anything else is a bug and keeps its traceback."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# What to do about an OSError, by errno (the message already names the path).
+_OS_HINTS = {
+    errno.EACCES: "check its permissions or choose another path",
+    errno.EPERM: "check its permissions or choose another path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that is a folder: give a file path",
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+}
+# Library exceptions that report a user's setting, matched by class name so that nothing is imported here.
+_EXPECTED_NAMES = {"MisconfigurationException": "the trainer refused the train.* settings (check train.accelerator, "
+                                                "train.devices, train.strategy; cpu or auto always work)"}
+
+
+def expected_message(err: BaseException) -> str | None:
+    """The one-line message for an expected failure, or None for a bug (which keeps its traceback)."""
+    if isinstance(err, (CommandError, ValueError)):
+        text = str(err)
+    elif isinstance(err, OSError):
+        if err.filename is not None and err.strerror:
+            where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+            hint = _OS_HINTS.get(err.errno)
+            text = f"{err.strerror}: {where}" + (f"; {hint}" if hint else "")
+        else:
+            text = str(err) or type(err).__name__
+    elif isinstance(err, ModuleNotFoundError) and _missing_extra(err) is not None:
+        text = _missing_extra(err)
+    elif isinstance(err, pickle.UnpicklingError):
+        text = ("a file could not be loaded: it is damaged, or holds objects other than tensors (refused: loading "
+                "those could run code)")
+    elif type(err).__name__ in _EXPECTED_NAMES:
+        text = f"{_EXPECTED_NAMES[type(err).__name__]}: {err}"
+    else:
+        return None
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines[:1]) if lines else type(err).__name__
+
+
+def handle_error(command: str, err: BaseException, debug: bool = False) -> int:
+    """The one place the CLI turns an exception into output and an exit code.
+
+    Expected failures: ``arelbo COMMAND: error: MESSAGE`` on one line (exit 2, or the error's own code).
+    Ctrl-C: exit 130. Anything else is a bug: its traceback, then a line saying so (exit 1). ``--debug``
+    re-raises everything with its traceback.
+    """
+    if debug:
+        raise err
+    if isinstance(err, KeyboardInterrupt):
+        print(f"arelbo {command}: interrupted", file=sys.stderr)
+        return 130
+    message = expected_message(err)
+    if message is not None:
+        print(f"arelbo {command}: error: {message}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    print(f"arelbo {command}: internal error ({type(err).__name__}): this is a bug in arelbo; please report "
+          "it with the traceback above", file=sys.stderr)
+    return 1
+
+
 def build_parser(commands=None) -> argparse.ArgumentParser:
     """The parser; only the commands in ``commands`` (default: all) import their module and get their arguments,
     so ``arelbo --help`` and ``arelbo CMD ...`` import nothing else (no torch for the top-level help)."""
@@ -48,6 +121,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="arelbo", description="Gaussian VAEs without posterior collapse (AR-ELBO).")
     parser.add_argument("--version", action="version", version=f"arelbo {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of any error (by default expected errors are one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -82,15 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # user-facing problems: one clear line, no traceback
-        print(f"arelbo {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as err:
-        message = _missing_extra(err)
-        if message is None:
-            raise
-        print(f"arelbo {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as err:
+        return handle_error(args.command, err, args.debug)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 METHOD_SPECTRUM = (5.0, 3.0, 1.5, 0.8, 0.5, 0.3, 0.2, 0.1)  # docs/method.md: D = 8, q = 4, pPCA sigma2 = 0.275
 DEFAULT_FIXED = (0.5, 1.0, 2.0, 4.0, 6.0)  # crosses l_4 .. l_1 of the example: 4, 3, 2, 1, 0 active units
@@ -33,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-sigma2", type=_floats, default=list(DEFAULT_FIXED),
                         help="fixed decoder variances to fit, comma-separated (default: %(default)s)")
     parser.add_argument("--fa-factors", type=int, default=2,
-                        help="factors of the factor-analysis data set used for the ar-diagonal comparison "
-                        "(default: %(default)s)")
+                        help="factors (latents) of the ar-diagonal vs factor-analysis comparison (default: %(default)s)")
+    parser.add_argument("--fa-on", choices=("factor-data", "spectrum"), default="factor-data",
+                        help="data of that comparison: a generated factor-analysis data set (default), or the "
+                        "Gaussian data of --eigenvalues (its optimum may lie on the boundary, a variance -> 0)")
     parser.add_argument("--mc-steps", type=int, default=500,
                         help="Adam steps of the Monte-Carlo (reparameterised forward) 'ar' fit; 0 skips it "
                         "(default: %(default)s)")
@@ -49,6 +52,14 @@ def _plot(args, eigs, q: int) -> None:
     curve = linear_active_units_curve(eigs, q, n=args.n, seed=args.seed, steps=args.steps)
     print(f"wrote {plot_linear_active_units(curve, args.plot)} (active units at {len(curve['sigma2'])} sigma2 values; "
           f"ar sigma2 {curve['ar_sigma2']:.6g} vs pPCA {curve['ppca_sigma2']:.6g})")
+
+
+def _convergence(fit, tol: float = 1e-6) -> str:
+    """How far the fit is from a stationary point; a loud flag when it stopped short."""
+    if fit.converged:
+        return f"converged (max |grad| {fit.grad_max:.1e})"
+    return (f"NOT CONVERGED: max |grad| {fit.grad_max:.1e} > {tol:g} after {fit.rounds} L-BFGS/Newton rounds; "
+            "the trained values are not the optimum's")
 
 
 def _vec(values, fmt: str = "{:7.4f}") -> str:
@@ -99,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             act_th = int(np.sum(th.mu_var > L.ACTIVE_THRESHOLD))
             print(f"  {s2:7.3g}  {act_th:>5d} / {sm.num_active:<4d}  {np.abs(sm.column_norms2 - th.column_norms2).max():11.1e}"
                   f"  {th.neg_elbo:12.6f}  {fit.output.neg_elbo.item():13.6f}  {_vec(sm.column_norms2, '{:.4f}')}"
-                  f"  ({_vec(th.column_norms2, '{:.4f}')})")
+                  f"  ({_vec(th.column_norms2, '{:.4f}')})" + ("" if fit.converged else f"  {_convergence(fit)}"))
         print()
 
         # ---- AR-ELBO isotropic vs pPCA
@@ -116,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
               f"{abs(fit.output.neg_elbo.item() - nll_ppca):.1e}   (nats/sample)")
         print(f"  active      {sm.num_active} of {q} (theory {th.num_active});  ||w_j||^2 trained {_vec(sm.column_norms2, '{:.4f}')}"
               f"  theory l_j - sigma2 {_vec(th.column_norms2, '{:.4f}')}")
+        print(f"  fit         {_convergence(fit)}")
         if args.mc_steps:
             mc = L.fit_linear_vae(x, q, "ar", steps=args.mc_steps, lr=0.05, exact=False, seed=args.seed)
             s2_mc = mc.output.sigma2.item()
@@ -127,23 +139,37 @@ def run(args: argparse.Namespace) -> int:
         from sklearn.decomposition import FactorAnalysis
 
         k = args.fa_factors
-        xf, _, psi = L.factor_analysis_data(dim, k, args.n, seed=args.seed)
+        if args.fa_on == "spectrum":
+            xf, psi = x, None
+            about = (f"  data: the Gaussian data above (D={dim}, n={args.n}), {k} factors. If some uniqueness heads "
+                     "to 0 (a Heywood case),\n  the optimum is on the boundary and neither EM nor gradient descent "
+                     "reaches it in useful time: see the convergence lines.")
+        else:
+            xf, _, psi = L.factor_analysis_data(dim, k, args.n, seed=args.seed)
+            about = (f"  data: a {k}-factor model in D={dim}, loadings N(0, 1), uniquenesses U(0.2, 1), n={args.n}, "
+                     "centred (--fa-on spectrum: the data above).")
         fit = L.fit_linear_vae(xf, k, "ar-diagonal", **fit_kw)
         xn = xf.numpy()
-        fa = FactorAnalysis(k, tol=1e-10, max_iter=20000, svd_method="lapack", random_state=args.seed).fit(xn)
+        fa_max_iter = 20000
+        fa = FactorAnalysis(k, tol=1e-10, max_iter=fa_max_iter, svd_method="lapack", random_state=args.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said below, in the table, instead
+            fa.fit(xn)
         nll_fa = -fa.score(xn)
         s2_d = fit.output.sigma2.numpy()
         implied = L.linear_gaussian_nll(fit.model.W, s2_d, L.second_moment(xf))
         print('AR-ELBO diagonal ("ar-diagonal", q = %d) vs factor analysis (scikit-learn FactorAnalysis, EM, same data)' % k)
-        print(f"  data: a {k}-factor model in D={dim}, loadings N(0, 1), uniquenesses U(0.2, 1), n={args.n}, centred.")
-        print("  (On the spectrum above, 4-factor analysis ran into a boundary optimum, some uniquenesses -> 0 (a")
-        print("   Heywood case), where neither EM nor gradient descent converged in useful time; hence FA data here.)")
+        print(about)
         print(f"  -ELBO trained {fit.output.neg_elbo.item():.10f}   FA NLL {nll_fa:.10f}   diff {fit.output.neg_elbo.item() - nll_fa:+.1e}"
               f"   (exact NLL of the VAE's own model W W^T + diag(sigma_d^2): {implied:.10f})")
         print(f"  sigma_d^2 trained : {_vec(s2_d)}")
+        fa_state = ("NOT CONVERGED: EM hit its iteration limit" if fa.n_iter_ >= fa_max_iter
+                    else f"EM stopped after {fa.n_iter_} iterations")
         print(f"  FA uniquenesses   : {_vec(fa.noise_variance_)}   max|diff| {np.abs(s2_d - fa.noise_variance_).max():.1e}"
-              f" (FA EM stopped after {fa.n_iter_} iterations)")
-        print(f"  true psi          : {_vec(psi)}")
+              f" ({fa_state})")
+        if psi is not None:
+            print(f"  true psi          : {_vec(psi)}")
+        print(f"  fit               : {_convergence(fit)}")
         if args.plot:
             _plot(args, eigs, q)
     print(f"\n({time.perf_counter() - start:.1f} s)")

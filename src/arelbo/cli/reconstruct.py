@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from arelbo.grids import reconstruction_grid
-    from arelbo.imagegrid import save_png
+    from arelbo.imagegrid import check_png_path, save_png
 
+    if args.out:
+        check_png_path(args.out)
     grid = reconstruction_grid(args.run_dir, args.n, args.split, args.nrow, args.checkpoint)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"reconstructions-{args.split}.png"
     save_png(grid, out)

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from arelbo.grids import sample_grid
-    from arelbo.imagegrid import save_png
+    from arelbo.imagegrid import check_png_path, save_png
 
+    if args.out:
+        check_png_path(args.out)
     grid = sample_grid(args.run_dir, args.n, args.seed, args.nrow, args.checkpoint, args.sampler)
     default = "samples.png" if args.sampler == "prior" else f"samples-{args.sampler}.png"
     out = Path(args.out) if args.out else Path(args.run_dir) / default

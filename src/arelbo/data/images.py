@@ -154,7 +154,7 @@ def load_images_cached(folder: Path, relpaths: list[str], crop=None, size=None, 
     for d in dirs:
         if (d / fname).is_file():
             try:
-                a = map_npy(d / fname) if mmap else np.load(d / fname)
+                a = map_npy(d / fname) if mmap else np.load(d / fname, allow_pickle=False)
                 if a.dtype in (np.uint8, torch.uint8) and a.ndim == 4 and len(a) == len(relpaths):
                     return a, {"cache": str(d / fname), "cache_hit": True, "mmap": bool(mmap)}
             except (OSError, ValueError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,38 @@ CIFAR_DIR, CIFAR_TAR = "cifar-10-batches-py", "cifar-10-python.tar.gz"
 CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
+# md5 of the official archive and of each batch inside it (https://www.cs.toronto.edu/~kriz/cifar.html; the same
+# values torchvision checks). The batches are pickles, and unpickling runs code: only these exact files are opened.
+CIFAR_MD5 = {
+    CIFAR_TAR: "c58f30108f718f92721af3b95e74349a",
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+
+def _check_md5(data: bytes, key: str, where) -> None:
+    if hashlib.md5(data).hexdigest() != CIFAR_MD5.get(key):
+        raise DatasetError(f"{where} is not the official CIFAR-10 file (md5 mismatch); it is not opened (its pickles "
+                           f"could run code): fetch {CIFAR_TAR} again from https://www.cs.toronto.edu/~kriz/cifar.html")
+
+
 def _cifar_reader(root: Path):
-    """A function batch name -> raw bytes, from the extracted folder or straight from the tar.gz."""
+    """A function batch name -> raw bytes, from the extracted folder or straight from the tar.gz; every byte
+    returned has passed its md5 check (the archive's, or each batch file's)."""
     for d in (root, root / CIFAR_DIR):
         if all((d / b).is_file() for b in CIFAR_BATCHES):
-            return lambda b: (d / b).read_bytes(), str(d)  # noqa: B023 (returned at once)
+            def read(b, d=d):
+                data = (d / b).read_bytes()
+                _check_md5(data, b, d / b)
+                return data
+            return read, str(d)
     for tar in (root, root / CIFAR_TAR):
         if tar.is_file() and tar.name.endswith((".tar.gz", ".tgz")):
+            _check_md5(tar.read_bytes(), CIFAR_TAR, tar)
             with tarfile.open(tar, "r:gz") as tf:
                 raw = {Path(m.name).name: tf.extractfile(m).read() for m in tf.getmembers()
                        if m.isfile() and Path(m.name).name in CIFAR_BATCHES}
@@ -34,8 +61,9 @@ def _cifar_reader(root: Path):
 
 
 def _cifar_batch(read, name: str) -> tuple[np.ndarray, np.ndarray]:
+    data = read(name)  # md5-checked: only the official files are unpickled
     try:
-        d = pickle.loads(read(name), encoding="bytes")  # the official format is a pickle; only load trusted files
+        d = pickle.loads(data, encoding="bytes")
         x = np.asarray(d[b"data"], dtype=np.uint8)
         y = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:
@@ -94,6 +122,12 @@ def npz(root=None, channels_last: bool | None = None) -> Splits:
     (floor(10%) of it each, at least one)."""
     if root is None or not Path(root).is_file():
         raise DatasetError(f"npz dataset needs root=<path of a .npz file>, got {root}")
+    if not zipfile.is_zipfile(root):
+        with open(root, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        raise DatasetError(f"{root} is not an .npz file (not a zip archive"
+                           + ("; it is a single .npy array" if npy else "") + "): write it with numpy.savez(path, "
+                           "x=images) or numpy.savez(path, train=..., val=..., test=...)")
     try:
         with np.load(root, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

