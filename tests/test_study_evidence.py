@@ -251,3 +251,22 @@ def test_study_samplers_for_every_policy_judged_on_validation(tmp_path):
     assert parse_sampler_options(ns.sampler_options) == kw["sampler_options"] and ns.fid_repeats == 2
     with pytest.raises(S.StudyError, match="gmm-grid"):
         S.plan_study("ar", "0", tmp_path / "x", preset="linear-gaussian", eval_options={"gmm_grid": (0,)})
+
+
+def test_evidence_options_through_jobs_subprocesses(tmp_path):
+    """--jobs 2: snapshots, the GMM grid, two-stage for every run with early stopping and FID repeats all travel as
+    `arelbo eval` arguments; the in-process planner then finds every evaluation done."""
+    ev = {**TINY_EVAL, "gmm": True, "two_stage_all": True, "two_stage_patience": 1, "gmm_grid": (1, 2),
+          "fid_repeats": 2}
+    kw = dict(preset="linear-gaussian", overrides=[*TINY, "train.snapshot_steps=[2]"], epochs=1, steps_per_epoch=4,
+              eval_options=ev)
+    plan = S.plan_study("learned-fair,ar-annealed:3", "0", tmp_path / "st", **kw)
+    res = S.run_study(plan, jobs=2, progress=False, report=False, log=lambda m: None)
+    assert all(c["status"] == "done" for p in res["policies"] for c in p["cells"]), res["policies"]
+    for run in plan.runs:
+        snap = json.loads((run.run_dir / "metrics-step-2.json").read_text())
+        assert snap["checkpoint"]["which"] == "step-2" and snap["protocol"]["fid"]["repeats"] == 2
+        assert snap["protocol"]["samplers"]["gmm"]["config"]["components_grid"] == [1, 2]
+        assert (run.run_dir / "samplers" / "step-2" / "two-stage.pt").is_file()
+    again = S.plan_study("learned-fair,ar-annealed:3", "0", tmp_path / "st", **kw)
+    assert [S.run_state(r, again.eval)[0] for r in again.runs] == ["done", "done"]
