@@ -385,3 +385,30 @@ def test_compare_with_a_learnable_prior_and_the_flow_column(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert "fid_flow" in [c["key"] for c in results["columns"]]
     assert results["policies"][0]["n_done"] == 1
+
+
+def test_priors_study_script_plans_four_studies(tmp_path):
+    """benchmarks/study_mnist_priors.sh --dry-run: one study per prior (the standard prior's runs shared with the
+    evidence plan's runs folder), the flow column on, the best fixed sigma^2 chosen by FIXED."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import arelbo
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "study_mnist_priors.sh"
+    env = {**os.environ, "ARELBO": f"{sys.executable} -m arelbo.cli", "FIXED": "0.03",
+           "PYTHONPATH": os.pathsep.join([str(Path(arelbo.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(["bash", str(script), "", str(tmp_path / "ev"), "2", "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    states = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[-1] == "yet"]
+    assert len(states) == 4 * 4 * 3 and "fixed-0.03-s2" in states and "learned-mle-lr0.01-s0" in states
+    for prior in ("standard", "mog", "vamp", "flow"):
+        assert f"  prior: {prior}\n" in proc.stdout
+    for folder in ("runs", "runs-mog", "runs-vamp", "runs-flow"):
+        assert '"runs_dir": "' + str(tmp_path / "ev" / folder) + '"' in proc.stdout
+    assert proc.stdout.count('"flow": true') == 4
+    bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
