@@ -26,7 +26,7 @@ A sweep is a compare whose policy list is generated (``fixed:S`` over a grid of 
 ``ar-per-sample``      AR-ELBO, one variance per data point
 ``ar-ema[:M]``         AR-ELBO with an exponential moving average of the batch MLE, momentum M in [0, 1)
 ``ar-annealed[:N]``    AR-ELBO with a floor on sigma2 decaying log-linearly from 1 to sigma2_floor over N steps
-                       (default objective.anneal_steps, 10000)
+                       (default objective.options.anneal_steps, 10000)
 =====================  ==========================================================================================
 
 Every policy but ``two-stage`` is judged with the ``prior`` sampler (z ~ p(z), the model's own prior: N(0, I), or
