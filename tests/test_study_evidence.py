@@ -185,7 +185,7 @@ def test_evidence_script_plans_the_three_studies(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "study_mnist_evidence.sh"
     env = {**os.environ, "ARELBO": f"{sys.executable} -m arelbo.cli",
-           "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(S.__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(["bash", str(script), "", str(tmp_path / "ev"), "3", "--dry-run"], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
