@@ -385,6 +385,8 @@ def test_compare_with_a_learnable_prior_and_the_flow_column(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert "fid_flow" in [c["key"] for c in results["columns"]]
     assert results["policies"][0]["n_done"] == 1
+    cell = results["policies"][0]["cells"][0]
+    assert "fid_flow" in cell["values"] and cell["unavailable"]["fid_flow"]  # no images here: the reason is kept
 
 
 def test_priors_study_script_plans_four_studies(tmp_path):

@@ -111,9 +111,9 @@ def paired_rows(results: dict) -> tuple[str, list[str], list[list[str]]]:
     return title, header, rows
 
 
-CURVE_KEYS = ("fid", "fid_gmm", "fid_two_stage", "fid_reconstruction", "active_units", "kl_total", "neg_elbo_ar",
+CURVE_KEYS = ("fid", "fid_gmm", "fid_two_stage", "fid_flow", "fid_reconstruction", "active_units", "kl_total", "neg_elbo_ar",
               "sigma2_final")
-OPTIONAL_COLUMNS = ("fid_gmm", "fid_two_stage", "fid_reconstruction")  # in the curve only when in the table
+OPTIONAL_COLUMNS = ("fid_gmm", "fid_two_stage", "fid_flow", "fid_reconstruction")  # in the curve only when in the table
 
 
 def curve_rows(results: dict) -> tuple[list[str], list[list[str]]]:

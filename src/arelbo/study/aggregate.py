@@ -186,7 +186,8 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
                 metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
                 values, reasons = run_values(run.run_dir, metrics, p.sampler, plan.eval.gmm,
                                              two_stage=plan.eval.two_stage_all, flow=plan.eval.flow)
-                entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm, plan.eval.two_stage_all)
+                entry["snapshots"] = _snapshot_values(run, p.sampler, plan.eval.gmm, plan.eval.two_stage_all,
+                                                      plan.eval.flow)
                 entry["global_step"] = (metrics.get("checkpoint") or {}).get("global_step")
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
                              kl_per_dim=(metrics.get("collapse") or {}).get("kl_per_dim"),
@@ -233,7 +234,8 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
     return results
 
 
-def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool = False) -> list[dict]:
+def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool = False,
+                     flow: bool = False) -> list[dict]:
     """The evaluated snapshots of one run: [{"step", "values", "unavailable"}] by step."""
     from arelbo.evaluate import metrics_file
     from arelbo.runs import snapshot_name
@@ -244,7 +246,8 @@ def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool =
         if not f.is_file():
             continue
         metrics = json.loads(f.read_text(encoding="utf-8"))
-        values, reasons = run_values(run.run_dir, metrics, sampler, gmm, step=int(step), two_stage=two_stage)
+        values, reasons = run_values(run.run_dir, metrics, sampler, gmm, step=int(step), two_stage=two_stage,
+                                     flow=flow)
         out.append({"step": int(step), "values": values, "unavailable": reasons})
     return out
 
@@ -266,7 +269,7 @@ def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
 
 
 # (key, lower is better: True / False / None for no direction): what the paired comparison covers
-PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
+PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_flow", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
                ("mse", True), ("kl_total", None)]
 
 
@@ -333,7 +336,7 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
     if len(fixed) < 2:
         return None
     keys = ("active_units", "smoothness", "smoothness_normalised", "mi_per_dim", "kl_total", "fid", "fid_gmm",
-            "fid_two_stage")
+            "fid_two_stage", "fid_flow")
     # the marker: AR-ELBO's final sigma2 (the isotropic default policy; other policies whose sigma2 is estimated
     # from the data only when it is absent)
     ar_type = [p for p in policies if policy_sigma2_kind(p) == "estimated" and p["n_done"]]
