@@ -299,18 +299,17 @@ def test_linear_command_arguments(capsys):
         build_parser().parse_args(["linear", "--eigenvalues", "1,x"])
 
 
-@pytest.mark.slow
 def test_linear_command_flags_a_fit_that_stopped_short(capsys):
     """Factor analysis on a chosen spectrum whose optimum lies on the boundary: both fits are flagged."""
     from arelbo.cli import main
 
     eigs = ",".join(f"{v:.6f}" for v in HEYWOOD_SPECTRUM)
     assert main(["linear", "--eigenvalues", eigs, "--latent-dim", "5", "--fa-factors", "5", "--fa-on", "spectrum",
-                 "--fixed-sigma2", "1", "--mc-steps", "0"]) == 0
+                 "--fixed-sigma2", "1", "--mc-steps", "0", "--n", "300"]) == 0
     out = capsys.readouterr().out
     ar_part, fa_part = out.split('AR-ELBO diagonal')
     assert "fit         converged (max |grad|" in ar_part
-    assert "data: the Gaussian data above (D=12" in fa_part and "fit               : NOT CONVERGED" in fa_part
+    assert "data: the Gaussian data above (D=12, n=300)" in fa_part and "fit               : NOT CONVERGED" in fa_part
 
 
 @pytest.mark.slow
