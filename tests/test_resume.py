@@ -169,8 +169,15 @@ def test_kill_9_mid_epoch_through_the_cli_resumes_exactly_and_the_lock_names_the
     proc = subprocess.Popen([sys.executable, "-m", "arelbo.cli", "train", "--config", config_file, "--out", run,
                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_for(lambda: _mid_epoch_checkpoint(run / "checkpoints" / "last.pt"), proc, what="a mid-epoch checkpoint")
-        assert arelbo("train", "--resume", run, "--quiet") == 2
+        # Freeze the trainer (SIGSTOP) as soon as its last.pt is a mid-epoch one, so that no later checkpoint (an
+        # epoch end) can replace it while the lock is checked; on a busy machine that window is seconds long.
+        while True:
+            _wait_for(lambda: _mid_epoch_checkpoint(run / "checkpoints" / "last.pt"), proc, what="a mid-epoch checkpoint")
+            proc.send_signal(signal.SIGSTOP)
+            if _mid_epoch_checkpoint(run / "checkpoints" / "last.pt"):
+                break
+            proc.send_signal(signal.SIGCONT)
+        assert arelbo("train", "--resume", run, "--quiet") == 2  # the stopped process still holds the lock
         err = capsys.readouterr().err
         assert f"in use by pid {proc.pid} on host {socket.gethostname()}" in err and "Traceback" not in err
         proc.send_signal(signal.SIGKILL)
