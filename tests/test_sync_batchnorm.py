@@ -2,14 +2,13 @@
 GlobalBatchNorm must give the single-process full-batch outputs, gradients and running statistics; and
 2-process training of the conv preset (batch norm) must follow 1-process training on the same global batch."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 from arelbo.models.batchnorm import GlobalBatchNorm, convert_batchnorm
+from test_ddp import _free_port
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,12 +55,6 @@ def _worker(rank, port, path):
         torch.save((record, {k[len("module."):]: v for k, v in net.state_dict().items()}), f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_global_batch_norm_equals_full_batch_batch_norm(tmp_path):
