@@ -160,10 +160,12 @@ class StepWindow(Callback):
         self.step = None
 
 
-@pytest.mark.parametrize("progress", [False, True])
-def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progress):
+@pytest.mark.parametrize("progress,policy", [(False, "ar"), (True, "ar"), (False, "ar-ema"), (False, "ar-annealed"),
+                                             (False, "learned")])
+def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progress, policy):
     """Count every read of a tensor's value to the host (item, tolist, bool, float, ...) made by the package or
-    by Lightning, per training step: on a GPU each would wait for the device to finish its queued work."""
+    by Lightning, per training step: on a GPU each would wait for the device to finish its queued work. The
+    policies with running state (ar-ema, ar-annealed) and a parameter (learned) update it without reading it."""
     window = StepWindow()
     reads = collections.Counter()
 
@@ -180,7 +182,7 @@ def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progr
 
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    cfg = tiny("train.log_every_n_steps=4", "train.grad_clip=1.0", "train.schedule=cosine")
+    cfg = tiny("train.log_every_n_steps=4", "train.grad_clip=1.0", "train.schedule=cosine", policy=policy)
     fit(cfg, tmp_path / "run", splits=splits, progress=progress, callbacks=[window])
     logging_steps = {0, 4, 8, 12, 16}
     epoch_ends = {9, 19}  # the epoch's validation and checkpoint run in its last step's window

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 from arelbo.models.vae import LinearVAE
-from arelbo.objectives import AREMA, GaussianVAELoss, LossOutput, gaussian_kl, neg_elbo_per_sample
+from arelbo.objectives import POLICIES, GaussianVAELoss, LossOutput, gaussian_kl, neg_elbo_per_sample
 
 __all__ = [
     "FixedSigmaOptimum",
@@ -346,8 +346,8 @@ def fit_linear_vae(
     if (data is None) == (cov is None):
         raise ValueError("give either data (N, D) or cov (D, D), not both and not neither")
     if cov is not None:
-        if policy == "ar-per-sample":
-            raise ValueError("ar-per-sample's sigma2 is per data point: its loss is not a function of the covariance; "
+        if not getattr(POLICIES.get(policy), "is_density", True):  # a sigma2 per data point: no function of the covariance
+            raise ValueError(f"{policy}'s sigma2 is per data point: its loss is not a function of the covariance; "
                              "pass data instead of cov")
         if not exact:
             raise ValueError("cov needs exact=True (the Monte-Carlo fit samples data points)")
@@ -381,7 +381,7 @@ def fit_linear_vae(
                 adam.step()
                 if sched is not None:
                     sched.step()
-        polish = exact and not isinstance(loss_fn.policy, AREMA)
+        polish = exact and loss_fn.policy.stationary  # a moving objective has no optimum to polish
         grad_max, rounds = float("nan"), 0
         if polish:
             grad_max, previous = _grad_max(exact_loss, params)

@@ -224,6 +224,7 @@ class DecoderVariance(nn.Module):
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""  # display name (default: the name)
     is_density: ClassVar[bool] = True
+    stationary: ClassVar[bool] = True  # False: the objective changes from call to call (running state)
     sigma2_kind: ClassVar[str] = "estimated"  # "estimated" from the data (ar-type), "given" or "learned"
     spec_option: ClassVar[Optional[str]] = None
     spec_required: ClassVar[bool] = False
@@ -569,6 +570,7 @@ class AREMA(DecoderVariance):
 
     name = "ar-ema"
     label = "AR-ELBO EMA"
+    stationary = False
     spec_option, spec_format, spec_form = "momentum", "AR-ELBO EMA m={}", "ar-ema[:M] (0 <= M < 1)"
 
     def __init__(self, momentum: float = 0.99, floor: float = 1e-6):
@@ -581,11 +583,9 @@ class AREMA(DecoderVariance):
         if self.training:
             total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
             batch = (total / count).to(self.running_sigma2.dtype)
-            with torch.no_grad():
-                if self.num_updates.item() == 0:
-                    self.running_sigma2.copy_(batch)
-                else:
-                    self.running_sigma2.mul_(self.momentum).add_((1 - self.momentum) * batch)
+            with torch.no_grad():  # torch.where, not a Python branch on the count: no host sync per step
+                updated = self.running_sigma2 * self.momentum + (1 - self.momentum) * batch
+                self.running_sigma2.copy_(torch.where(self.num_updates == 0, batch, updated))
                 self.num_updates.add_(1)
         return self.running_sigma2.clamp_min(self.floor).to(sq_err.dtype)
 
@@ -606,6 +606,7 @@ class ARAnnealed(DecoderVariance):
 
     name = "ar-annealed"
     label = "AR-ELBO annealed"
+    stationary = False
     spec_option, spec_what, spec_format = "anneal_steps", "the annealing steps", "AR-ELBO annealed over {} steps"
     spec_form = "ar-annealed[:N] (N >= 1 steps)"
 
@@ -625,7 +626,10 @@ class ARAnnealed(DecoderVariance):
         return math.exp(math.log(self.anneal_from) + frac * (math.log(self.floor) - math.log(self.anneal_from)))
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
-        floor_t = self.current_floor()
+        # floor_t computed on the device from the step buffer (float64): reading the count would sync every step
+        frac = (self.num_steps.double() / self.anneal_steps).clamp(0.0, 1.0)
+        log_from = math.log(self.anneal_from)
+        floor_t = torch.exp(log_from + frac * (math.log(self.floor) - log_from))
         if self.training:
             self.num_steps.add_(1)
         total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
