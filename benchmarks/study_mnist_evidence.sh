@@ -40,12 +40,9 @@ JOBS=$3
 shift 3
 ARELBO=${ARELBO:-arelbo}  # e.g. ARELBO="python -m arelbo.cli"
 
-COMMON=(--preset mnist-conv --paper --epochs 20 --steps-per-epoch 0 --jobs "$JOBS"
-        --set train.accelerator=auto --set "train.snapshot_steps=[2000, 8000]"
-        --gmm-grid 1,5,10,20 --two-stage-all --two-stage-steps 20000 --two-stage-patience 5 --fid-repeats 3)
-if [ -n "$DATA_ROOT" ]; then
-    COMMON+=(--set "data.root=$DATA_ROOT")
-fi
+# shellcheck source=study_mnist_protocol.sh
+. "$(dirname "$0")/study_mnist_protocol.sh"
+COMMON=("${PROTOCOL[@]}")
 
 $ARELBO compare "${COMMON[@]}" --seeds 0-4 --runs-dir "$OUT/runs" --out "$OUT/headline" \
     --policies ar,fixed:1,fixed:0.1,fixed:0.03,fixed:0.01,learned,learned-fair,two-stage "$@"

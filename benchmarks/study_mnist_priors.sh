@@ -33,13 +33,9 @@ ARELBO=${ARELBO:-arelbo}  # e.g. ARELBO="python -m arelbo.cli"
 FIXED=${FIXED:-0.1,0.03,0.01}
 POLICIES="ar,$(echo "$FIXED" | sed 's/\([^,]*\)/fixed:\1/g'),learned,learned-fair"
 
-COMMON=(--preset mnist-conv --paper --epochs 20 --steps-per-epoch 0 --jobs "$JOBS"
-        --set train.accelerator=auto --set "train.snapshot_steps=[2000, 8000]"
-        --gmm-grid 1,5,10,20 --two-stage-all --two-stage-steps 20000 --two-stage-patience 5 --fid-repeats 3
-        --flow --seeds 0-2 --policies "$POLICIES")
-if [ -n "$DATA_ROOT" ]; then
-    COMMON+=(--set "data.root=$DATA_ROOT")
-fi
+# shellcheck source=study_mnist_protocol.sh
+. "$(dirname "$0")/study_mnist_protocol.sh"
+COMMON=("${PROTOCOL[@]}" --flow --seeds 0-2 --policies "$POLICIES")
 
 $ARELBO compare "${COMMON[@]}" --runs-dir "$OUT/runs" --out "$OUT/prior-standard" "$@"
 for PRIOR in mog vamp flow; do
