@@ -145,3 +145,51 @@ def test_custom_policy_runs_in_a_study(tmp_path, scaled_ar):
     # a bad value is an error naming the spec
     assert arelbo("compare", "--preset", "linear-gaussian", "--out", tmp_path / "bad", "--policies",
                   f"{ScaledAR.name}:-1", "--dry-run") == 2
+
+
+PLUGIN = '''
+from arelbo.objectives import AR, register_policy
+
+
+@register_policy
+class PluginAR(AR):
+    """AR-ELBO under another name, registered by a module the user names in ARELBO_PLUGINS."""
+
+    name = "test-plugin-ar"
+    label = "plugin AR"
+'''
+
+
+def test_shell_command_and_study_subprocesses_import_plugins(tmp_path):
+    """A policy in a user's module reaches the `arelbo` shell command, and the processes `compare --jobs 2`
+    starts, through ARELBO_PLUGINS; without it the name is unknown; a module that cannot be imported is one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "my_policies.py").write_text(PLUGIN)
+    src = str(Path(runs.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), src]), "OMP_NUM_THREADS": "1"}
+
+    def cli_run(*args, plugins=None):
+        e = dict(env)
+        e.pop("ARELBO_PLUGINS", None)
+        if plugins is not None:
+            e["ARELBO_PLUGINS"] = plugins
+        return subprocess.run([sys.executable, "-m", "arelbo.cli", *map(str, args)], env=e, capture_output=True,
+                              text=True, timeout=300)
+
+    unknown = cli_run("train", "--preset", "linear-gaussian", "--set", "objective.policy=test-plugin-ar", "--print-config")
+    assert unknown.returncode == 2 and "'test-plugin-ar' unknown" in unknown.stderr
+    missing = cli_run("train", "--print-config", plugins="no_such_module_here")
+    assert missing.returncode == 2 and "ARELBO_PLUGINS: cannot import 'no_such_module_here'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    out = tmp_path / "st"
+    study = cli_run("compare", "--preset", "linear-gaussian", "--out", out, *sets(*TINY), "--policies",
+                    "test-plugin-ar,ar", "--epochs", "1", "--steps-per-epoch", "2", "--eval-samples", "0", "--no-fid",
+                    "--no-gmm", "--is-examples", "8", "--k", "2", "--jobs", "2", "--quiet", plugins="my_policies")
+    assert study.returncode == 0, study.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    mine = next(p for p in results["policies"] if p["policy"] == "test-plugin-ar")
+    assert mine["label"] == "plugin AR" and mine["n_done"] == 1

@@ -191,7 +191,7 @@ def test_evidence_script_plans_the_three_studies(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     states = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[-1] == "yet"]
     assert len(states) == 35 + 21 + 27  # the variants study lists its 6 shared ar/learned runs again
-    for name in ("learned-mle-lr0.01-s4", "ar-annealed-8000-s2", "fixed-0.008-s2", "fixed-0.001-s2", "fixed-0.03-s4"):
+    for name in ("learned-mle-lr0.01-s4", "ar-annealed-8000-s2", "fixed-0.0056-s2", "fixed-0.001-s2", "fixed-0.03-s4"):
         assert name in states
     assert '"runs_dir": "' + str(tmp_path / "ev" / "runs") + '"' in proc.stdout
     assert "snapshot_steps: [2000, 8000]" in proc.stdout and "accelerator: auto" in proc.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import pickle
 import sys
 import traceback
@@ -140,9 +141,31 @@ def _missing_extra(err: ModuleNotFoundError) -> str | None:
     return f"this command needs the {extra!r} extra ({root} is not installed): pip install 'arelbo[{extra}]'"
 
 
+# Modules to import before any command runs, comma-separated: where users register their own policies, priors or
+# samplers. An environment variable, not a flag, so that the processes a study starts (--jobs N) know them too.
+PLUGINS_ENV = "ARELBO_PLUGINS"
+
+
+def import_plugins() -> list[str]:
+    """Import the modules named in ``ARELBO_PLUGINS`` (their ``@register_*`` decorators run on import)."""
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise CommandError(f"{PLUGINS_ENV}: cannot import {name!r} ({err}); put its folder on PYTHONPATH or "
+                               "install it") from err
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        import_plugins()
+    except CommandError as err:
+        print(f"arelbo: error: {err}", file=sys.stderr)
+        return err.exit_code
     try:
         parser = build_parser({command} if command in COMMANDS else set())
     except ModuleNotFoundError as err:  # a command whose parser needs a missing extra

@@ -34,7 +34,7 @@ and its values as a star.
 """
 
 COMPARE_EPILOG = """\
-policy specs (comma-separated in --policies and --reference):
+policy specs (comma-separated: compare --policies, sweep --reference):
   fixed:S          fixed decoder variance sigma^2 = S (fixed:1 is the classic VAE)
   beta:B           beta-VAE, beta = B
   learned[:S0]     sigma^2 learned by gradient (Dai & Wipf's gamma / sigma-VAE), initialised at S0 (default 1)
