@@ -414,3 +414,19 @@ def test_priors_study_script_plans_four_studies(tmp_path):
     assert proc.stdout.count('"flow": true') == 4
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
+
+
+def test_linear_run_with_a_learnable_prior_reports_no_standard_normal_exact_nll(tmp_path, gaussian_splits):
+    """-log N(x; b, W W^T + sigma2) is a linear VAE's marginal under N(0, I) only: with a mog prior whose mean
+    moved, it is not the model's likelihood, so evaluation must not report it as "exact"; the standard prior does."""
+    pytest.importorskip("lightning")
+    from arelbo.evaluate import evaluate_run
+    from arelbo.train import fit
+
+    kwargs = dict(which="last", samplers="prior", n_samples=0, k=5, is_examples=16, smoothness_examples=8,
+                  mi_examples=32, progress=False)
+    for prior, has_exact in (("standard", True), ("mog", False)):
+        run_dir = fit(_tiny(prior, "model.arch=linear", "train.epochs=1"), tmp_path / prior, splits=gaussian_splits,
+                      progress=False)
+        res = evaluate_run(run_dir, **kwargs)
+        assert (res["likelihood"]["exact_nll"] is not None) == has_exact, prior

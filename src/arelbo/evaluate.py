@@ -438,7 +438,10 @@ def _likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
         is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), c.k, _generator(c.seed, "is-nll"),
                                                 progress=progress and f"eval: IS-NLL (K={c.k})")
     exact = None
-    if hasattr(model, "expected_sq_err") and hasattr(getattr(model, "decoder", None), "linear"):
+    # -log N(x; b, W W^T + sigma2) is the marginal of a linear decoder under the N(0, I) prior only: a learnable
+    # prior (no closed-form KL) has another marginal, so no "exact" value is reported for it
+    standard_prior = getattr(getattr(model, "prior", None), "closed_form_kl", True)
+    if standard_prior and hasattr(model, "expected_sq_err") and hasattr(getattr(model, "decoder", None), "linear"):
         with torch.inference_mode():
             vals = torch.cat([linear_vae_exact_nll(model, x, value.to(x.device)).cpu()
                               for x in iterate_batches(run.loader, device)])
