@@ -160,9 +160,11 @@ class StepWindow(Callback):
         self.step = None
 
 
-@pytest.mark.parametrize("progress,policy", [(False, "ar"), (True, "ar"), (False, "ar-ema"), (False, "ar-annealed"),
-                                             (False, "learned")])
-def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progress, policy):
+@pytest.mark.parametrize("progress,policy,options", [
+    (False, "ar", ()), (True, "ar", ()), (False, "ar-ema", ()), (False, "ar-annealed", ()), (False, "learned", ()),
+    (False, "learned", ("objective.options.init_mle=true", "objective.options.log_sigma2_lr=0.01")),
+])
+def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progress, policy, options):
     """Count every read of a tensor's value to the host (item, tolist, bool, float, ...) made by the package or
     by Lightning, per training step: on a GPU each would wait for the device to finish its queued work. The
     policies with running state (ar-ema, ar-annealed) and a parameter (learned) update it without reading it."""
@@ -182,7 +184,7 @@ def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progr
 
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    cfg = tiny("train.log_every_n_steps=4", "train.grad_clip=1.0", "train.schedule=cosine", policy=policy)
+    cfg = tiny("train.log_every_n_steps=4", "train.grad_clip=1.0", "train.schedule=cosine", *options, policy=policy)
     fit(cfg, tmp_path / "run", splits=splits, progress=progress, callbacks=[window])
     logging_steps = {0, 4, 8, 12, 16}
     epoch_ends = {9, 19}  # the epoch's validation and checkpoint run in its last step's window

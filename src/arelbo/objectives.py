@@ -465,6 +465,10 @@ class Learned(DecoderVariance):
         self.log_sigma2_lr = None if log_sigma2_lr is None else float(log_sigma2_lr)
         if self.init_mle:  # only then: state_dicts of plain learned runs keep their keys
             self.register_buffer("initialised", torch.tensor(False))
+            # A Python copy of the flag, so that steps after the first read no tensor (no host sync); None: not
+            # known yet (read the buffer once), as after construction or after a state_dict is loaded.
+            self._initialised_known: bool | None = None
+            self.register_load_state_dict_post_hook(_forget_initialised)
 
     def optimizer_options(self) -> dict:
         return {} if self.log_sigma2_lr is None else {"lr": self.log_sigma2_lr}
@@ -476,14 +480,20 @@ class Learned(DecoderVariance):
         return cls.label + (" (" + ", ".join(parts) + ")" if parts else "")
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
-        if self.init_mle and self.training and not bool(self.initialised):
+        if self.init_mle and self.training and not self._is_initialised():
             total, count = self._sums(sq_err.detach().sum(), sq_err.new_tensor(float(sq_err.numel())))
             with torch.no_grad():
                 self.log_sigma2.copy_((total / count).clamp_min(self.floor).log().to(self.log_sigma2.dtype))
                 self.initialised.fill_(True)
+            self._initialised_known = True
         # A floor through a smooth max would bias the optimum; floor only where it binds, and keep the gradient
         # that lifts sigma2 back above the floor (a plain clamp_min would leave it stuck there for ever).
         return _FloorUp.apply(self.log_sigma2.exp(), self.floor).to(sq_err.dtype)
+
+    def _is_initialised(self) -> bool:
+        if self._initialised_known is None:
+            self._initialised_known = bool(self.initialised)  # one read after construction or a load
+        return self._initialised_known
 
     def held_out_sigma2(self, stats) -> HeldOutSigma2:
         return self.own_sigma2()
@@ -491,6 +501,11 @@ class Learned(DecoderVariance):
     def extra_repr(self) -> str:
         lr = "" if self.log_sigma2_lr is None else f", log_sigma2_lr={self.log_sigma2_lr:g}"
         return f"floor={self.floor:g}, init_mle={self.init_mle}{lr}"
+
+
+def _forget_initialised(module: "Learned", incompatible_keys) -> None:
+    """After a state_dict is loaded, the buffer decides again whether the MLE initialisation has happened."""
+    module._initialised_known = None
 
 
 @register_policy
