@@ -438,3 +438,27 @@ def test_damaged_sampler_file_is_refit_by_eval_and_named_by_sample(tmp_path, spl
     assert f"sampler file {gmm} is damaged" in capsys.readouterr().err
     assert result["protocol"]["samplers"]["gmm"]["source"] == "fitted"
     evaluate_run(run, **quick)  # the refit was saved: reused now
+
+
+def test_cuda_rng_state_is_the_current_devices_and_is_restored_on_each_ranks_device(monkeypatch):
+    """Rank 0 saves its own device's CUDA generator (all ranks draw the same global noise from their own devices);
+    every rank restores it on its current device. Before, rank 0 saved every device's state as it saw them, so
+    rank 1 got an unused generator back (its noise restarted from the seed), and a checkpoint from a machine with
+    more GPUs raised IndexError. torch.cuda is simulated (2 devices, this process on cuda:1): no GPU here."""
+    own, fresh = torch.arange(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": own)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [own, fresh])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.__setitem__("current", s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda ss: calls.__setitem__("all", ss))
+    state = runs.rng_state()
+    assert torch.equal(state["cuda"], own)
+    runs.set_rng_state(state)
+    assert torch.equal(calls["current"], own) and "all" not in calls
+    calls.clear()
+    runs.set_rng_state({**state, "cuda": [own, fresh, fresh]})  # an older checkpoint from a 3-GPU machine
+    assert torch.equal(calls["current"], fresh) and "all" not in calls  # its cuda:1 entry, no IndexError

@@ -189,7 +189,9 @@ def rng_state() -> dict[str, Any]:
         "python": {"version": int(version), "state": list(py_state), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+        # The current device's generator only: every process of a data-parallel run draws the same global noise
+        # from its own device, so rank 0's state (the one saved) is every rank's, restored on each rank's device.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -204,8 +206,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every device's state as the saving process saw them
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+                return
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda.cpu())
 
 
 def training_finished(ckpt: dict[str, Any], cfg) -> bool:
