@@ -430,3 +430,21 @@ def test_linear_run_with_a_learnable_prior_reports_no_standard_normal_exact_nll(
                       progress=False)
         res = evaluate_run(run_dir, **kwargs)
         assert (res["likelihood"]["exact_nll"] is not None) == has_exact, prior
+
+
+def test_wrongly_typed_prior_and_sampler_options_are_one_line_errors():
+    """Option types are read off each class's defaults: a wrong type names the option (it was a TypeError deep in
+    the constructor, or silently converted: components 2.7 -> 2); right types still build."""
+    from arelbo.models.priors import make_prior
+    from arelbo.samplers import make_sampler
+
+    with pytest.raises(ValueError, match=r"prior 'flow': option hidden must be a list of integers .* got 64"):
+        make_prior("flow", 3, hidden=64)
+    with pytest.raises(ValueError, match=r"prior 'mog': option components must be an integer .* got 2.7"):
+        make_prior("mog", 3, components=2.7)
+    with pytest.raises(ValueError, match=r"sampler 'two-stage': option steps must be an integer .* got 'x'"):
+        make_sampler("two-stage", steps="x")
+    with pytest.raises(ValueError, match=r"sampler 'flow': option hidden must be a list"):
+        make_sampler("flow", hidden=64)
+    assert make_prior("mog", 3, components=2).components == 2
+    make_sampler("two-stage", hidden=[8, 8], steps=3)
