@@ -451,6 +451,13 @@ def _likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
     return Likelihood(elbo_policy, elbo_ar, sigma2_diag, value, is_density, density_note, is_note, is_res, n_is, exact)
 
 
+def _learnable_prior(name: str | None) -> bool:
+    """Whether a run's prior (by its recorded name) is other than N(0, I): the prior class says (closed_form_kl)."""
+    from arelbo.models.priors import PRIORS
+
+    return name is not None and name in PRIORS and not PRIORS[name].closed_form_kl
+
+
 def _samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict) -> Samples:
     from arelbo.data import make_loader
     from arelbo.metrics.features import sha256_file
@@ -736,7 +743,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows += [("run", result["run_dir"]), ("checkpoint", f"{result['checkpoint']['file']} (step {_fmt(result['checkpoint']['step'])})"),
              ("dataset / split", f"{result['run']['dataset']} / {p['split']} ({p['num_examples']} examples, D={p['num_elements']})"),
              ("model / policy", f"{result['run']['arch']}, q={c['latent_dim']} / {result['run']['policy']}"
-              + (f", prior {result['run']['prior']}" if result["run"].get("prior", "standard") != "standard" else ""))]
+              + (f", prior {result['run']['prior']}" if _learnable_prior(result["run"].get("prior")) else ""))]
     section("collapse")
     rows += [("active units", f"{c['active_units']} / {c['latent_dim']}  (Var(mu_j) > {p['active_threshold']})"),
              ("KL total (nats)", _fmt(c["kl_total"])),
