@@ -443,6 +443,16 @@ class VAEModule(pl.LightningModule):
 
     # ---- validation
 
+    def teardown(self, stage: str) -> None:
+        # The last hook a process started by ddp_spawn runs before it exits: destroy its process group here, or
+        # gloo's threads can abort it during interpreter shutdown (SIGABRT, "terminate called without an active
+        # exception") after training has finished. Processes that go on after fit (script launch) keep theirs.
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def on_train_start(self) -> None:
         # Every process starts the noise stream from the same point, whatever happened before (model init in
         # one process, a re-seed in spawned ones); a resumed run replaces it with the saved state at its first step.
