@@ -278,3 +278,20 @@ def test_report_renders_in_headless_chromium(image_study, tmp_path):
     assert img.shape == (2400, 1280)
     assert (img < 128).mean() > 0.01  # text, tables and plots were drawn (not a blank page)
     assert len(np.unique(img)) > 32
+
+
+def test_sigma2_figure_skips_log_records_without_a_step(image_study, tmp_path):
+    """A metrics.jsonl record without `step` (a hand-edited or foreign log) is left out of the sigma2 figure,
+    as the aggregation leaves it out, instead of a KeyError that stops the report."""
+    import shutil
+
+    from arelbo.report import plot_sigma2_trajectories
+
+    out = tmp_path / "study"
+    shutil.copytree(image_study, out)
+    results = json.loads((out / "results.json").read_text())
+    logs = sorted((out / "runs").rglob("metrics.jsonl"))
+    assert logs
+    with open(logs[0], "a") as f:
+        f.write(json.dumps({"split": "train", "sigma2": 0.5}) + "\n")
+    assert plot_sigma2_trajectories(results, out, tmp_path / "sigma2.png") is not None

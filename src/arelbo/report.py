@@ -189,7 +189,7 @@ def plot_sigma2_trajectories(results: dict, out: Path, path: Path) -> Figure | N
             if not f.is_file():
                 continue
             recs = [r for r in read_jsonl(f) if r.get("split") == "train" and isinstance(r.get("sigma2"), (int, float))
-                    and r["sigma2"] > 0]
+                    and r["sigma2"] > 0 and isinstance(r.get("step"), int)]  # as the aggregation reads them
             if not recs:
                 continue
             ax.plot([r["step"] for r in recs], [r["sigma2"] for r in recs], color=color, alpha=1.0 if j == 0 else 0.45,
