@@ -23,6 +23,7 @@ from arelbo.config import ConfigError, load_config  # noqa: E402
 from arelbo.data import is_mapped, load_dataset  # noqa: E402
 from arelbo.objectives import POLICIES, GaussianVAELoss  # noqa: E402
 from arelbo.train import NonFiniteLossError, fit, resume  # noqa: E402
+from test_train import PoisonBatch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,17 +192,6 @@ def test_no_host_reads_on_non_logging_steps(tmp_path, splits, monkeypatch, progr
     quiet = set(range(20)) - logging_steps - epoch_ends
     assert {s: reads[s] for s in quiet} == dict.fromkeys(quiet, 0)
     assert all(reads[s] > 0 for s in logging_steps)  # the counter does see the reads of logging steps
-
-
-class PoisonBatch(Callback):
-    """Put a NaN into the data batch of one global step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            batch[0].view(-1)[0] = float("nan")
 
 
 @pytest.mark.parametrize(("bad", "log_every", "detected"), [(13, 5, 15), (17, 50, 20)])
