@@ -124,6 +124,11 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     f1_mse = [c["values"]["mse"] for c in by["fixed:1"]["cells"]]
     assert row["differences"] == pytest.approx([a - b for a, b in zip(ar_mse, f1_mse)], rel=1e-12)
     assert row["n"] == 2 and row["verdict"] == stats.verdict(row["lo"], row["hi"], True)
+    # the collapse diagnostics are paired too, with no better side (higher / lower / within the spread)
+    mi = next(r for r in paired["rows"] if r["policy"] == "fixed:1" and r["key"] == "mi_per_dim")
+    assert mi["lower_is_better"] is None and mi["verdict"] in ("higher", "lower", stats.WITHIN)
+    assert mi["differences"] == pytest.approx([a["values"]["mi_per_dim"] - b["values"]["mi_per_dim"]
+                                               for a, b in zip(by["ar"]["cells"], by["fixed:1"]["cells"])], rel=1e-12)
     md = (out / "report.md").read_text()
     assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
     assert "![FID and active units against training steps](figures/curves.png)" in md and (out / "figures" / "curves.png").is_file()

@@ -268,9 +268,11 @@ def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
     return points
 
 
-# (key, lower is better: True / False / None for no direction): what the paired comparison covers
-PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_flow", True), ("active_units", False), ("neg_elbo_ar", True), ("is_nll", True),
-               ("mse", True), ("kl_total", None)]
+# (key, lower is better: True / False / None for no direction): what the paired comparison covers. The collapse
+# diagnostics (per-dimension information, scale-free smoothness) have no better side: they say higher or lower.
+PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_flow", True), ("active_units", False),
+               ("neg_elbo_ar", True), ("is_nll", True), ("mse", True), ("kl_total", None), ("mi_per_dim", None),
+               ("smoothness_normalised", None)]
 
 
 def paired_summary(policies: list[dict], reference: str | None = None, confidence: float = 0.95) -> dict | None:
