@@ -6,6 +6,7 @@ Training runs here are tiny: an MLP VAE on an 8-dimensional Gaussian, 2 epochs o
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,60 @@ class PoisonPolicy(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if module.cfg.objective.policy == self.policy and trainer.global_step == self.step:
             batch.view(-1)[0] = float("nan")
+
+
+class HoldLock(Callback):
+    """While one policy trains, take another run directory's lock, as a second study sharing --runs-dir would."""
+
+    def __init__(self, policy, run_dir, stack):
+        self.policy, self.run_dir, self.stack = policy, run_dir, stack
+
+    def on_train_start(self, trainer, module):
+        if module.cfg.objective.policy == self.policy:
+            from arelbo.runs import run_lock
+
+            self.stack.enter_context(run_lock(self.run_dir))
+
+
+def test_a_run_another_process_trains_is_left_alone_not_restarted_or_marked_failed(tmp_path):
+    import contextlib
+
+    from arelbo.runs import run_lock
+
+    out = tmp_path / "st"
+    plan = tiny_plan(out, policies="ar,fixed:1")
+    with pytest.raises(S.StudyInterrupted):  # ar stopped before its first checkpoint: a config, no checkpoint
+        S.run_study(plan, progress=False, report=False, train_callbacks=[KillPolicy("ar", 2)], log=lambda m: None)
+    held = out / "runs" / "ar-s0"
+    assert S.run_state(plan.runs[0], plan.eval)[0] == "restart"
+
+    # held when the study starts: listed as in use, skipped
+    logs = []
+    with run_lock(held):
+        before = tree_state(held)
+        state, detail = S.run_state(plan.runs[0], plan.eval)
+        assert state == "busy" and detail.startswith(f"in use by pid {os.getpid()} on host ")
+        res = S.run_study(tiny_plan(out, policies="ar,fixed:1"), progress=False, report=False, log=logs.append)
+        assert tree_state(held) == before  # not restarted (which would delete it), no failure marker written
+    assert any("ar-s0" in m and "skip (in use)" in m for m in logs)
+    assert json.loads((out / "study.json").read_text())["status"] == "incomplete (runs in use)"
+    by = {p["spec"]: p["cells"][0]["status"] for p in res["policies"]}
+    assert by["fixed:1"] == "done" and by["ar"] != "done"
+    assert S.run_state(plan.runs[0], plan.eval)[0] == "restart"  # free again: still a run to start, not "failed"
+
+    # taken after the study started (while fixed:1 trains): skipped at its turn, no marker, nothing deleted
+    (out / "runs" / "fixed-1-s0").rename(tmp_path / "fixed-away")
+    logs = []
+    with contextlib.ExitStack() as stack:
+        plan2 = tiny_plan(out, policies="fixed:1,ar")
+        S.run_study(plan2, progress=False, report=False, train_callbacks=[HoldLock("fixed", held, stack)],
+                    log=logs.append)
+    assert (held / "config.yaml").is_file()
+    assert json.loads((held / S.RUN_MARKER).read_text())["status"] == "interrupted"  # as the kill left it
+    assert any("ar-s0: skipped" in m and "in use by" in m for m in logs)
+    assert S.run_state(plan2.run_by_name["ar-s0"], plan2.eval)[0] == "restart"
+    S.run_study(plan2, progress=False, report=False, log=lambda m: None)  # free: trained now
+    assert S.run_state(plan2.run_by_name["ar-s0"], plan2.eval)[0] == "done"
 
 
 def test_interrupted_study_resumes_and_reuses_finished_runs(tmp_path):

@@ -103,6 +103,26 @@ def load_model(run_dir: str | os.PathLike, which: str = "best", map_location="cp
     return model.eval(), loss_fn.eval(), ckpt
 
 
+def run_holder(run_dir: str | os.PathLike) -> str | None:
+    """Who trains in ``run_dir`` now (the holder :func:`run_lock` recorded), or None when nobody holds its lock:
+    asked without taking the lock for longer than the question, and without creating a lock file."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        f = open(Path(run_dir) / LOCK_FILE, "r", encoding="utf-8")
+    except OSError:  # no lock file (or no directory): nobody has trained here since
+        return None
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return None
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike):
     """Hold ``run_dir``'s lock for the duration: one training process per run directory. The lock file names

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from arelbo.config import ConfigError, RunConfig
-from arelbo.runs import training_finished
+from arelbo.runs import RunInUseError, run_holder, training_finished
 from arelbo.study.specs import PLAN_DIR, RUN_MARKER, StudyError
 from arelbo.study.plan import EvalOptions, PlannedRun, StudyPlan
 
@@ -151,12 +151,16 @@ def run_state(run: PlannedRun, opts: EvalOptions) -> tuple[str, str]:
 
     States: ``new`` (train it), ``restart`` (a config but no checkpoint: interrupted before its first one; start
     again), ``resume`` (a checkpoint short of the end), ``evaluate`` (trained, metrics.json missing or not what
-    is asked), ``done`` (reuse), ``failed`` (a previous attempt failed; see study-run.json).
+    is asked), ``done`` (reuse), ``failed`` (a previous attempt failed; see study-run.json), ``busy`` (another
+    process, e.g. a second study sharing --runs-dir, is training it now: left alone).
     Raises :class:`StudyError` when the directory holds a run with a different config.
     """
     from arelbo.runs import load_checkpoint
 
     d = run.run_dir
+    holder = run_holder(d)
+    if holder:
+        return "busy", f"in use by {holder}"
     cfg_file = d / "config.yaml"
     if not cfg_file.is_file():
         if (d / "checkpoints").exists():
@@ -334,14 +338,19 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
     for r in plan.runs:
         state, detail = states[r.name]
         action = {"new": "train", "restart": "train again", "resume": "resume", "evaluate": "evaluate",
-                  "done": "reuse", "failed": "skip (failed before; --retry-failed)"}[state]
+                  "done": "reuse", "failed": "skip (failed before; --retry-failed)",
+                  "busy": "skip (in use)"}[state]
         log(f"  {r.name:<{width}}  {action:<12} {detail}")
-    todo = [r for r in plan.runs if states[r.name][0] not in ("done", "failed")]
+    todo = [r for r in plan.runs if states[r.name][0] not in ("done", "failed", "busy")]
+    busy = {r.name: states[r.name][1] for r in plan.runs if states[r.name][0] == "busy"}
     threads = max(1, _cores() // jobs)
     failures: dict[str, str] = {}
 
     def work(run: PlannedRun) -> tuple[PlannedRun, dict]:
         state = states[run.name][0]
+        holder = run_holder(run.run_dir)  # taken since the study started: never restart or resume under it
+        if holder:
+            raise RunInUseError(f"{run.run_dir} is in use by {holder}")
         if jobs == 1:
             return run, _run_in_process(run, state, plan.eval, progress, train_callbacks, splits_cache, log)
         return run, _run_subprocess(run, state, plan.eval, plan, threads, log)
@@ -360,6 +369,10 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
         nonlocal done_count
         done_count += 1
         msg = f"{type(err).__name__}: {err}"
+        if isinstance(err, RunInUseError):  # not this run's failure: another process has it; no marker
+            busy[run.name] = str(err)
+            log(f"[{done_count}/{len(todo)}] {run.name}: skipped ({err}); run the study again once it is free")
+            return
         failures[run.name] = msg
         if run.run_dir.is_dir():
             _write_marker(run.run_dir, status="failed", error=msg, event={"action": "failed", "error": msg, "at": _now()})
@@ -404,5 +417,9 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
         from arelbo.report import write_report
 
         write_report(results, plan.out)
-    write_plan(plan, "failed runs" if failures else "complete", {"finished": _now()})
+    if busy:
+        log(f"{len(busy)} run(s) in use by another process, left out: {', '.join(busy)}; run the same command "
+            f"again once they are free")
+    write_plan(plan, "failed runs" if failures else "incomplete (runs in use)" if busy else "complete",
+               {"finished": _now()})
     return results
