@@ -107,6 +107,21 @@ def test_resume_to_more_epochs_finishes_the_interrupted_epoch_first(tmp_path, sp
     assert runs.read_jsonl(straight / "metrics.jsonl") == runs.read_jsonl(run / "metrics.jsonl")
 
 
+def test_a_copy_of_a_finished_run_continued_to_more_epochs_is_the_longer_run(tmp_path, splits, straight):
+    """What benchmarks/study_mnist_longer.sh rests on: a finished run, copied and resumed with more epochs, is the
+    run trained that long from the start (constant lr), and the original stays as it was."""
+    import shutil
+
+    short = fit(tiny("train.epochs=1", policy="ar-ema"), tmp_path / "short", splits=splits, progress=False)
+    before = {p: p.read_bytes() for p in sorted(short.rglob("*")) if p.is_file()}
+    longer = Path(shutil.copytree(short, tmp_path / "longer"))
+    resume(longer, ["train.epochs=2"], splits=splits, progress=False)
+    assert_identical(last(straight), last(longer))
+    assert runs.read_jsonl(straight / "metrics.jsonl") == runs.read_jsonl(longer / "metrics.jsonl")
+    assert runs.read_config(longer).train.epochs == 2
+    assert {p: p.read_bytes() for p in sorted(short.rglob("*")) if p.is_file()} == before
+
+
 def test_step_checkpoints_lose_at_most_n_steps_and_resume_exactly(tmp_path, splits, straight):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed at step 14"):
