@@ -184,3 +184,12 @@ def test_saved_configs_of_the_flat_objective_layout_are_upgraded(tmp_path):
     assert RunConfig.from_saved(d).objective.options == {"momentum": 0.99}
     with pytest.raises(ConfigError, match=r"unknown key objective.sigma2.*objective.options.sigma2"):
         RunConfig.from_dict(d)
+
+
+def test_a_policy_that_needs_more_samples_per_batch_is_refused_at_config_time():
+    """ar-diagonal's sigma2 is one per pixel over the batch: a batch of one is refused before any training."""
+    with pytest.raises(ConfigError, match="data.batch_size=1: objective.policy 'ar-diagonal' estimates sigma2 from at "
+                                          "least 2 samples per batch"):
+        load_config("linear-gaussian", overrides=["objective.policy=ar-diagonal", "data.batch_size=1"])
+    assert load_config("linear-gaussian", overrides=["objective.policy=ar-diagonal", "data.batch_size=2"])
+    assert load_config("linear-gaussian", overrides=["objective.policy=ar", "data.batch_size=1"])

@@ -79,6 +79,7 @@ def test_custom_policy_trains_validates_and_evaluates_by_its_own_rule(tmp_path, 
     assert cfg.objective.policy == ScaledAR.name and cfg.objective.options == {"scale": 2.0}
     _, loss_fn, _ = runs.load_model(run_dir, "last")
     assert isinstance(loss_fn.policy, ScaledAR) and loss_fn.policy.scale == 2.0
+    assert loss_fn.check_finite == "auto"  # the loss's own default: no device sync per call in a user's loop
 
     # validation: sigma2 = 2 x the validation set's MLE, and the -ELBO at that sigma2
     val = [r for r in runs.read_jsonl(run_dir / "metrics.jsonl") if r["split"] == "val"][-1]

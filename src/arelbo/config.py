@@ -243,7 +243,9 @@ class ObjectiveConfig(_Section):
         """The policy's constructor arguments: its options."""
         return dict(self.options)
 
-    def build(self, check_finite: bool = True):
+    def build(self, check_finite: bool | str = "auto"):
+        """The loss this section describes; ``check_finite`` as :class:`~arelbo.objectives.GaussianVAELoss`'s (its
+        default: no device sync per call on accelerators, e.g. in a loop over a model from ``load_model``)."""
         from arelbo.objectives import GaussianVAELoss
 
         return GaussianVAELoss(self.policy, sigma2_floor=self.sigma2_floor, check_finite=check_finite, **self.options)
@@ -370,6 +372,10 @@ class RunConfig:
             raise ConfigError("out_dir must not be empty (use . for the current directory)")
         if self.name is not None and (self.name.strip() in ("", ".", "..") or "/" in self.name or "\\" in self.name):
             raise ConfigError(f"name {self.name!r} must be a plain folder name inside out_dir (no '/', '..' or '')")
+        need = getattr(POLICIES.get(self.objective.policy), "min_batch", 1)
+        if self.data.batch_size < need:  # caught here, not at the first training step
+            raise ConfigError(f"data.batch_size={self.data.batch_size}: objective.policy {self.objective.policy!r} "
+                              f"estimates sigma2 from at least {need} samples per batch; use a larger batch")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-able, weights_only-safe); ``from_dict(to_dict(c)) == c``."""

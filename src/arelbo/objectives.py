@@ -226,6 +226,7 @@ class DecoderVariance(nn.Module):
     is_density: ClassVar[bool] = True
     stationary: ClassVar[bool] = True  # False: the objective changes from call to call (running state)
     sigma2_kind: ClassVar[str] = "estimated"  # "estimated" from the data (ar-type), "given" or "learned"
+    min_batch: ClassVar[int] = 1  # the smallest training batch (global) its sigma2 is defined on
     spec_option: ClassVar[Optional[str]] = None
     spec_required: ClassVar[bool] = False
     spec_flags: ClassVar[dict] = {}  # e.g. {"mle": {"init_mle": True}}
@@ -529,6 +530,7 @@ class ARDiagonal(DecoderVariance):
 
     name = "ar-diagonal"
     label = "AR-ELBO diagonal"
+    min_batch = 2
 
     def sigma2(self, sq_err: Tensor) -> Tensor:
         if sq_err.shape[0] < 2 and not _reduces(self.process_group, self.all_reduce):
