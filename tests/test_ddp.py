@@ -83,6 +83,7 @@ def _worker(rank, port, path):
             net = DistributedDataParallel(_model())
             results[name] = _train(net, xs, eps, name, kwargs, rows)
         torch.save(results, f"{path}.{rank}")
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -64,6 +64,7 @@ def _worker(rank, port, path):
         rows = slice(rank * half, (rank + 1) * half)
         results = {name: _train(DistributedDataParallel(_model(name, options)), xs, eps, rows) for name, options in PRIORS}
         torch.save(results, f"{path}.{rank}")
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -53,6 +53,7 @@ def _worker(rank, port, path):
         net = DistributedDataParallel(convert_batchnorm(_net()))
         record, state = _steps(net, xs)
         torch.save((record, {k[len("module."):]: v for k, v in net.state_dict().items()}), f"{path}.{rank}")
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
     finally:
         dist.destroy_process_group()
 
