@@ -2,6 +2,7 @@
 batch. The policies all-reduce the sums that make sigma2 (detached), and DDP averages the gradients of the
 detached-MLE loss: both must equal the single-process full-batch values exactly (float64, same noise)."""
 
+import os
 import socket
 
 import pytest
@@ -83,9 +84,10 @@ def _worker(rank, port, path):
             net = DistributedDataParallel(_model())
             results[name] = _train(net, xs, eps, name, kwargs, rows)
         torch.save(results, f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 def _free_port():

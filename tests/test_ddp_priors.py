@@ -2,6 +2,7 @@
 the Monte-Carlo rate in the loss. The prior's parameters get DDP-averaged gradients that must equal the
 single-process full-batch gradients exactly (float64, same noise), like every other weight."""
 
+import os
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -64,9 +65,10 @@ def _worker(rank, port, path):
         rows = slice(rank * half, (rank + 1) * half)
         results = {name: _train(DistributedDataParallel(_model(name, options)), xs, eps, rows) for name, options in PRIORS}
         torch.save(results, f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 GlobalBatchNorm must give the single-process full-batch outputs, gradients and running statistics; and
 2-process training of the conv preset (batch norm) must follow 1-process training on the same global batch."""
 
+import os
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -53,9 +54,10 @@ def _worker(rank, port, path):
         net = DistributedDataParallel(convert_batchnorm(_net()))
         record, state = _steps(net, xs)
         torch.save((record, {k[len("module."):]: v for k, v in net.state_dict().items()}), f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them (SIGABRT)
+        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 def test_global_batch_norm_equals_full_batch_batch_norm(tmp_path):
