@@ -2,6 +2,7 @@
 batch. The policies all-reduce the sums that make sigma2 (detached), and DDP averages the gradients of the
 detached-MLE loss: both must equal the single-process full-batch values exactly (float64, same noise)."""
 
+import contextlib
 import os
 import socket
 
@@ -69,13 +70,28 @@ def _train(net, xs, eps, name, kwargs, rows=slice(None)):
     return record, state
 
 
-def _worker(rank, port, path):
+@contextlib.contextmanager
+def gloo_rank(rank, port, **init_args):
+    """One rank of a spawned 2-process gloo group, one torch thread. After the body: a barrier (neither rank closes
+    its connections while the other still uses them), the group destroyed, and the process ended with os._exit(0):
+    interpreter teardown, after the results are saved, is where gloo's threads can abort it (SIGABRT). A failing
+    body destroys the group and raises as usual."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, **init_args)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def _worker(rank, port, path):
+    from torch.nn.parallel import DistributedDataParallel
+
+    with gloo_rank(rank, port):
         xs, eps = _inputs()
         half = BATCH // WORLD
         rows = slice(rank * half, (rank + 1) * half)
@@ -84,10 +100,6 @@ def _worker(rank, port, path):
             net = DistributedDataParallel(_model())
             results[name] = _train(net, xs, eps, name, kwargs, rows)
         torch.save(results, f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 def _free_port():
@@ -141,10 +153,7 @@ def _subset_worker(rank, port, path):
 
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=20))
-    try:
+    with gloo_rank(rank, port, timeout=datetime.timedelta(seconds=20)):
         alone = dist.new_group([0])  # every rank must take part in creating a group
         if rank == 0:
             xs, _ = _inputs()
@@ -153,9 +162,6 @@ def _subset_worker(rank, port, path):
                               _local_values(name, kwargs, x, 0.5 * x, process_group=alone))
                        for name, kwargs in AR_POLICIES}
             torch.save(results, path)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_loss_on_a_subset_of_ranks_does_not_wait_for_the_others(tmp_path):

@@ -2,11 +2,10 @@
 the Monte-Carlo rate in the loss. The prior's parameters get DDP-averaged gradients that must equal the
 single-process full-batch gradients exactly (float64, same noise), like every other weight."""
 
-import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_ddp import BATCH, LATENT, SHAPE, STEPS, WORLD, _free_port, _inputs
+from test_ddp import BATCH, LATENT, SHAPE, STEPS, WORLD, _free_port, _inputs, gloo_rank
 from torch import nn
 
 from arelbo.config import ModelConfig
@@ -54,21 +53,14 @@ def _train(net, xs, eps, rows=slice(None)):
 
 
 def _worker(rank, port, path):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, port):
         xs, eps = _inputs()
         half = BATCH // WORLD
         rows = slice(rank * half, (rank + 1) * half)
         results = {name: _train(DistributedDataParallel(_model(name, options)), xs, eps, rows) for name, options in PRIORS}
         torch.save(results, f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 @pytest.fixture(scope="module")

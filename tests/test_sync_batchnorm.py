@@ -2,14 +2,13 @@
 GlobalBatchNorm must give the single-process full-batch outputs, gradients and running statistics; and
 2-process training of the conv preset (batch norm) must follow 1-process training on the same global batch."""
 
-import os
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
 from arelbo.models.batchnorm import GlobalBatchNorm, convert_batchnorm
-from test_ddp import _free_port
+from test_ddp import _free_port, gloo_rank
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,21 +42,14 @@ def _steps(net, xs):
 
 
 def _worker(rank, port, path):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, port):
         half = BATCH // WORLD
         xs = _data()[:, rank * half : (rank + 1) * half]
         net = DistributedDataParallel(convert_batchnorm(_net()))
         record, state = _steps(net, xs)
         torch.save((record, {k[len("module."):]: v for k, v in net.state_dict().items()}), f"{path}.{rank}")
-        dist.barrier()  # neither rank closes its gloo connections while the other still uses them
-    finally:
-        dist.destroy_process_group()
-    os._exit(0)  # saved and done: skip interpreter teardown, where gloo's threads can abort (SIGABRT) the process
 
 
 def test_global_batch_norm_equals_full_batch_batch_norm(tmp_path):
