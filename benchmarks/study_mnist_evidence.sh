@@ -30,18 +30,10 @@
 # are reused, interrupted ones resumed, missing evaluations (final or snapshot) redone.
 set -euo pipefail
 
-if [ "$#" -lt 3 ]; then
-    sed -n '2,10p' "$0" >&2
-    exit 2
-fi
-DATA_ROOT=$1
-OUT=$2
-JOBS=$3
-shift 3
-ARELBO=${ARELBO:-arelbo}  # e.g. ARELBO="python -m arelbo.cli"
-
+USAGE_LINES=2,10  # the lines of the header above that say how to call this script
 # shellcheck source=study_mnist_protocol.sh
-. "$(dirname "$0")/study_mnist_protocol.sh"
+. "$(dirname "$0")/study_mnist_protocol.sh"  # DATA_ROOT OUT JOBS from the arguments (shifted away), ARELBO, PROTOCOL
+
 COMMON=("${PROTOCOL[@]}")
 
 $ARELBO compare "${COMMON[@]}" --seeds 0-4 --runs-dir "$OUT/runs" --out "$OUT/headline" \

@@ -15,23 +15,15 @@
 # behind) and resumed with train.epochs=60; rerunning the script continues where it stopped.
 set -euo pipefail
 
-if [ "$#" -lt 3 ]; then
-    sed -n '2,10p' "$0" >&2
-    exit 2
-fi
-DATA_ROOT=$1
-OUT=$2
-JOBS=$3
-shift 3
-ARELBO=${ARELBO:-arelbo}  # e.g. ARELBO="python -m arelbo.cli"
+USAGE_LINES=2,10  # the lines of the header above that say how to call this script
+# shellcheck source=study_mnist_protocol.sh
+. "$(dirname "$0")/study_mnist_protocol.sh"  # DATA_ROOT OUT JOBS from the arguments (shifted away), ARELBO, PROTOCOL
 EPOCHS=${EPOCHS:-60}
 SEEDS=${SEEDS:-0 1 2}
 # the headline study's trainings (two-stage shares learned's; learned-fair trains as learned:mle,lr=0.01)
 POLICIES=(ar:ar fixed-1:fixed:1 fixed-0.1:fixed:0.1 fixed-0.03:fixed:0.03 fixed-0.01:fixed:0.01 learned:learned
           learned-mle-lr0.01:learned-fair)
 
-# shellcheck source=study_mnist_protocol.sh
-. "$(dirname "$0")/study_mnist_protocol.sh"
 LONGER=()
 for a in "${PROTOCOL[@]}"; do  # the protocol with 60 epochs instead of 20
     if [ "${prev:-}" = "--epochs" ]; then a=$EPOCHS; fi

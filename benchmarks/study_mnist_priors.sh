@@ -21,20 +21,12 @@
 # training-time cost per step of each prior is results.json's train_seconds divided by the 8580 steps.
 set -euo pipefail
 
-if [ "$#" -lt 3 ]; then
-    sed -n '2,13p' "$0" >&2
-    exit 2
-fi
-DATA_ROOT=$1
-OUT=$2
-JOBS=$3
-shift 3
-ARELBO=${ARELBO:-arelbo}  # e.g. ARELBO="python -m arelbo.cli"
+USAGE_LINES=2,13  # the lines of the header above that say how to call this script
+# shellcheck source=study_mnist_protocol.sh
+. "$(dirname "$0")/study_mnist_protocol.sh"  # DATA_ROOT OUT JOBS from the arguments (shifted away), ARELBO, PROTOCOL
 FIXED=${FIXED:-0.1,0.03,0.01}
 POLICIES="ar,$(echo "$FIXED" | sed 's/\([^,]*\)/fixed:\1/g'),learned,learned-fair"
 
-# shellcheck source=study_mnist_protocol.sh
-. "$(dirname "$0")/study_mnist_protocol.sh"
 COMMON=("${PROTOCOL[@]}" --flow --seeds 0-2 --policies "$POLICIES")
 
 $ARELBO compare "${COMMON[@]}" --runs-dir "$OUT/runs" --out "$OUT/prior-standard" "$@"
