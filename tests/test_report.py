@@ -4,6 +4,7 @@ through the same commands (generated JPEGs and the 32 real sample images, no FID
 headless-Chromium screenshot (slow; skipped without chromium)."""
 
 import base64
+import copy
 import json
 import math
 import shlex
@@ -197,6 +198,29 @@ def _generated_celeba(root: Path, n: int = 12) -> Path:
         img = np.clip(face + rng.normal(0, 20, (218, 178, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg", quality=90)
     return root
+
+
+def test_sweep_figure_has_a_panel_only_for_metrics_the_study_computed(image_study, tmp_path):
+    """A study run with --no-fid has no FID values: its sweep figure gets no empty FID panel."""
+    from arelbo.report import _panels_with_values, plot_sweep
+
+    res = json.loads((image_study / "results.json").read_text())
+    panels = [("FID", [("fid", "-", ""), ("fid_gmm", ":", "")]), ("active units", [("active_units", "-", "")])]
+    assert [t for t, _ in _panels_with_values(res["sweep"], panels)] == ["FID", "active units"]
+    no_fid = copy.deepcopy(res)
+    for holder in [no_fid["sweep"]["curves"], *no_fid["sweep"]["references"]]:
+        for key in ("fid", "fid_gmm"):
+            aggs = holder.get(key)
+            for agg in (aggs if isinstance(aggs, list) else [aggs] if aggs else []):
+                agg["mean"] = None
+    assert [t for t, _ in _panels_with_values(no_fid["sweep"], panels)] == ["active units"]
+    one_curve = copy.deepcopy(res)  # GMM sampler not evaluated: the FID panel keeps the prior sampler's curve only
+    one_curve["sweep"]["curves"].pop("fid_gmm", None)
+    for ref in one_curve["sweep"]["references"]:
+        ref.pop("fid_gmm", None)
+    assert [[c[0] for c in cs] for _, cs in _panels_with_values(one_curve["sweep"], panels)] == [["fid"], ["active_units"]]
+    fig = plot_sweep(no_fid, tmp_path / "sweep.png")
+    assert fig is not None and (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)
 
 
 @pytest.mark.parametrize("source", ["generated", "real-sample"])

@@ -248,6 +248,24 @@ def _errorbar(ax, xs, aggs, **kw):
     return len(pts)
 
 
+def _has_value(agg) -> bool:
+    return bool(agg) and agg.get("mean") is not None
+
+
+def _panels_with_values(sweep: dict, panels: list) -> list:
+    """The panels (title, curves) with at least one value, each keeping only its curves that have one: a metric
+    the study did not compute (FID under --no-fid) or that predates the results.json (per-dimension MI) gets no
+    empty panel."""
+    out = []
+    for title, curves in panels:
+        kept = [c for c in curves
+                if any(_has_value(a) for a in sweep["curves"].get(c[0]) or [])
+                or any(_has_value(ref.get(c[0])) for ref in sweep["references"])]
+        if kept:
+            out.append((title, kept))
+    return out
+
+
 def plot_sweep(results: dict, path: Path) -> Figure | None:
     sweep = results.get("sweep")
     if not sweep:
@@ -261,17 +279,12 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
               ("FID", [("fid", "-", " (prior sampler)"), ("fid_gmm", ":", " (GMM sampler)")]),
               ("scale-free smoothness E‖∂f/∂z_j‖·std(μ_j)", [("smoothness_normalised", "-", "")]),
               ("Σ_j I(x; z_j) (nats)", [("mi_per_dim", "-", "")])]
-    # results.json written before the scale-free smoothness and per-dimension MI existed: the first four panels
-    panels = [pn for pn in panels if any(c[0] in sweep["curves"] for c in pn[1])]
+    panels = _panels_with_values(sweep, panels)
     fig = _figure(15 if len(panels) > 4 else 10, 7)
     axes = fig.subplots(2, 3 if len(panels) > 4 else 2)
     curves_of = sweep["curves"]
     for ax, (title, curves) in zip(axes.flat, panels):
-        curves = [c for c in curves if c[0] in curves_of]  # results.json written before fid_gmm existed lack it
-        if not curves:
-            ax.set_visible(False)
-            continue
-        n = sum(_errorbar(ax, sweep["sigma2"], curves_of[key], color="#333333", marker="o", lw=1.5, ls=ls,
+        n = sum(_errorbar(ax, sweep["sigma2"], curves_of.get(key, []), color="#333333", marker="o", lw=1.5, ls=ls,
                           label=f"fixed σ²{suffix}") for key, ls, suffix in curves)
         for i, ref in enumerate(sweep["references"]):  # the reference's final σ² and its values there
             s2 = (ref.get("sigma2") or {}).get("mean")
@@ -286,7 +299,7 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
                                 ms=14, capsize=3, ls="none")
         ax.set_xscale("log")
         ax.set_xlabel("σ²")
-        ax.set_title(title if n else f"{title}: n/a")
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.25)
         if len(curves) > 1 and n:  # FID: prior and GMM curves differ by up to 25x here; a log axis shows both
             ax.set_yscale("log")
