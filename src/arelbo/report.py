@@ -467,7 +467,7 @@ def _intro(results: dict) -> list[tuple[str, str]]:
         ("training", f"{t['epochs']} epochs x {steps} of {t['batch_size']}"
                      + (f", max {t['max_steps']} steps" if t.get("max_steps") else "")
                      + f", {t['optimizer']} lr {t['lr']}, seeds {', '.join(map(str, results['seeds']))}"),
-        ("scale", results["scale"]["why"]),
+        ("scale (its defaults; the training and evaluation lines say what this study ran)", results["scale"]["why"]),
         ("evaluation", f"checkpoint '{e['checkpoint']}', {e['split']} split"
                        + (f" (first {e['max_examples']})" if e.get("max_examples") else "")
                        + f"; FID {'on' if e['fid'] else 'off'} with {e['n_samples']} samples per sampler; IS-NLL "

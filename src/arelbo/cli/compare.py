@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="runs side by side as subprocesses, each with cores/N torch threads (default: 1, "
                         "one after the other in this process)")
-    parser.add_argument("--paper", action="store_true", help="the paper scale (see below); for GPUs")
+    parser.add_argument("--paper", action="store_true", help="the paper scale (see below): a GPU or a few hours of CPU")
     parser.add_argument("--epochs", type=int, metavar="N", help="training epochs of every run (overrides the scale)")
     parser.add_argument("--steps-per-epoch", type=int, metavar="N",
                         help="batches per epoch (train.limit_train_batches; 0: full epochs; overrides the scale)")
