@@ -241,15 +241,15 @@ def plot_kl_heatmap(results: dict, path: Path) -> Figure | None:
                   "with KL ≈ 0 carries no information (collapsed).")
 
 
+def _has_value(agg) -> bool:
+    return bool(agg) and agg.get("mean") is not None
+
+
 def _errorbar(ax, xs, aggs, **kw):
-    pts = [(x, a["mean"], a["std"] or 0.0) for x, a in zip(xs, aggs) if a and a.get("mean") is not None]
+    pts = [(x, a["mean"], a["std"] or 0.0) for x, a in zip(xs, aggs) if _has_value(a)]
     if pts:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, **kw)
     return len(pts)
-
-
-def _has_value(agg) -> bool:
-    return bool(agg) and agg.get("mean") is not None
 
 
 def _panels_with_values(sweep: dict, panels: list) -> list:
@@ -293,8 +293,8 @@ def plot_sweep(results: dict, path: Path) -> Figure | None:
             color = PALETTE[(3 + i) % len(PALETTE)]
             ax.axvline(s2, color=color, ls="--", lw=1.2, label=f"{ref['label']}: final σ²={s2:.3g}")
             for key, _, _ in curves:
-                agg = ref.get(key) or {}
-                if agg.get("mean") is not None:
+                agg = ref.get(key)
+                if _has_value(agg):
                     ax.errorbar([s2], [agg["mean"]], yerr=[agg.get("std") or 0.0], color=color, marker="*",
                                 ms=14, capsize=3, ls="none")
         ax.set_xscale("log")
@@ -328,7 +328,7 @@ def plot_fid_bars(results: dict, path: Path) -> Figure | None:
 
     keys = [c["key"] for c in results["columns"] if c["key"].startswith("fid")]
     pols = results["policies"]
-    if not any((p["aggregate"].get(k) or {}).get("mean") is not None for p in pols for k in keys):
+    if not any(_has_value(p["aggregate"].get(k)) for p in pols for k in keys):
         return None
     fig = _figure(max(6, 0.9 * len(pols) + 2), 4.2)
     ax = fig.add_subplot()

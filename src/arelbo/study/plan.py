@@ -139,7 +139,7 @@ SCALES = {
         "celeba64-conv), seeds 0,1,2; evaluation on the full test split, 10000 samples per sampler for FID, prior "
         "and GMM samplers (+ two-stage), IS-NLL K=100 on 1000 images, smoothness on 1000, MI on 10000, two-stage "
         "sampler 3000 steps. On 2 idle CPU cores an mnist-conv run trains in about 5 minutes and each checkpoint's "
-        "evaluation takes 1.5-2 minutes (measured with --two-stage-steps 20000 --two-stage-patience 5 --fid-repeats "
+        "evaluation takes 1.3-1.8 minutes (measured with --two-stage-steps 20000 --two-stage-patience 5 --fid-repeats "
         "3); a GPU (--set train.accelerator=auto) trains faster, the evaluation's GMM and second stage stay on the CPU.",
     ),
 }
