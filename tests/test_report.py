@@ -128,6 +128,11 @@ def test_image_study_writes_results_figures_and_reports(image_study):
     assert by["two-stage"]["cells"][0]["run"] == "learned-s0"
     assert by["two-stage"]["aggregate"]["fid"] != by["fixed:1"]["aggregate"]["fid"]
     assert res["sweep"]["sigma2"] == [0.01, 1.0] and res["sweep"]["references"][0]["spec"] == "ar"
+    # the reconstruction floor is paired like the samplers' FIDs: AR-ELBO minus the other policy, seed by seed
+    rec = next(r for r in res["paired"]["rows"] if r["policy"] == "fixed:1" and r["key"] == "fid_reconstruction")
+    assert rec["differences"] == pytest.approx([a["values"]["fid_reconstruction"] - b["values"]["fid_reconstruction"]
+                                                for a, b in zip(by["ar"]["cells"], by["fixed:1"]["cells"])], rel=1e-12)
+    assert rec["n"] == 2 and rec["lower_is_better"] is True
     figs = out / "figures"
     for name in ("fid.png", "sweep.png", "sigma2.png", "kl_per_dim.png", "samples-two-stage.png",
                  "reconstructions-ar.png"):

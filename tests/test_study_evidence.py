@@ -129,6 +129,12 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     assert mi["lower_is_better"] is None and mi["verdict"] in ("higher", "lower", stats.WITHIN)
     assert mi["differences"] == pytest.approx([a["values"]["mi_per_dim"] - b["values"]["mi_per_dim"]
                                                for a, b in zip(by["ar"]["cells"], by["fixed:1"]["cells"])], rel=1e-12)
+    # and at each kept snapshot, from that snapshot's metrics file of each seed
+    assert [ps["step"] for ps in res["paired_snapshots"]] == [3, 6]
+    at3 = next(r for r in res["paired_snapshots"][0]["rows"] if r["policy"] == "fixed:1" and r["key"] == "kl_total")
+    kl3_fixed = [json.loads((out / "runs" / f"fixed-1-s{s}" / "metrics-step-3.json").read_text())["summary"]["kl_total"]
+                 for s in (0, 1)]
+    assert at3["differences"] == pytest.approx([a - b for a, b in zip(kl3, kl3_fixed)], rel=1e-12) and at3["n"] == 2
     md = (out / "report.md").read_text()
     assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
     assert "![FID and active units against training steps](figures/curves.png)" in md and (out / "figures" / "curves.png").is_file()

@@ -164,8 +164,9 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
     """Read every cell's run directory and aggregate over seeds (the dict written as results.json).
 
     Besides each policy's mean and std over seeds (every per-seed value kept), ``curve`` holds the same
-    aggregates at each kept snapshot and at the end, and ``paired`` the paired differences (same seed) of the
-    ``reference`` policy (default ``ar`` when studied, else the first) against every other policy."""
+    aggregates at each kept snapshot and at the end, ``paired`` the paired differences (same seed) of the
+    ``reference`` policy (default ``ar`` when studied, else the first) against every other policy, and
+    ``paired_snapshots`` the same differences at each snapshot step: whether a lead early in training lasts."""
     policies_out = []
     keys = [c[0] for c in COLUMNS] + ["neg_elbo_ar_bpd", "mutual_information",
                                       "neg_elbo_bpd_discrete", "neg_elbo_ar_bpd_discrete", "is_nll_bpd_discrete",
@@ -228,6 +229,9 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         "policies": policies_out,
         "sweep": _sweep_summary(policies_out),
         "paired": paired_summary(policies_out, reference),
+        "paired_snapshots": [{"step": step, **paired}
+                             for step in _snapshot_steps(policies_out)
+                             if (paired := paired_summary(policies_out, reference, step=step))],
         "wall_seconds": wall_seconds,
         "dedup": plan.dropped,
     }
@@ -270,14 +274,22 @@ def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
 
 # (key, lower is better: True / False / None for no direction): what the paired comparison covers. The collapse
 # diagnostics (per-dimension information, scale-free smoothness) have no better side: they say higher or lower.
-PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_flow", True), ("active_units", False),
+PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_flow", True), ("fid_reconstruction", True),
+               ("active_units", False),
                ("neg_elbo_ar", True), ("is_nll", True), ("mse", True), ("kl_total", None), ("mi_per_dim", None),
                ("smoothness_normalised", None)]
 
 
-def paired_summary(policies: list[dict], reference: str | None = None, confidence: float = 0.95) -> dict | None:
+def _snapshot_steps(policies: list[dict]) -> list[int]:
+    return sorted({snap["step"] for p in policies for c in p["cells"] if c["status"] == "done"
+                   for snap in c.get("snapshots") or []})
+
+
+def paired_summary(policies: list[dict], reference: str | None = None, confidence: float = 0.95,
+                   step: int | None = None) -> dict | None:
     """Paired differences (reference - other, seed by seed) with their t-intervals and verdicts about the
-    reference, for every other policy and each of :data:`PAIRED_KEYS` that both have values for."""
+    reference, for every other policy and each of :data:`PAIRED_KEYS` that both have values for: at the scored
+    checkpoint, or with ``step`` at that kept snapshot (a seed without it evaluated is left out)."""
     from arelbo.stats import paired_differences
 
     if len(policies) < 2:
@@ -291,8 +303,13 @@ def paired_summary(policies: list[dict], reference: str | None = None, confidenc
         raise StudyError(f"reference policy {reference!r} is not in the study ({', '.join(specs)})")
     ref = policies[specs.index(reference)]
 
+    def values(cell: dict) -> dict | None:
+        if step is None:
+            return cell["values"]
+        return next((snap["values"] for snap in cell.get("snapshots") or [] if snap["step"] == step), None)
+
     def by_seed(p: dict, key: str) -> dict:
-        return {c["seed"]: c["values"].get(key) for c in p["cells"] if c["status"] == "done"}
+        return {c["seed"]: v.get(key) for c in p["cells"] if c["status"] == "done" and (v := values(c)) is not None}
 
     rows = []
     for p in policies:
