@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from arelbo.config import RunConfig
 from arelbo.study.specs import RESULTS_FORMAT, StudyError
@@ -230,7 +230,8 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         "sweep": _sweep_summary(policies_out),
         "paired": paired_summary(policies_out, reference),
         "paired_snapshots": [{"step": step, **paired}
-                             for step in _snapshot_steps(policies_out)
+                             for step in _snapshot_steps(c for p in policies_out for c in p["cells"]
+                                                         if c["status"] == "done")
                              if (paired := paired_summary(policies_out, reference, step=step))],
         "wall_seconds": wall_seconds,
         "dedup": plan.dropped,
@@ -256,13 +257,26 @@ def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool =
     return out
 
 
+def _snapshot_steps(cells: Iterable[dict]) -> list[int]:
+    """The snapshot steps evaluated in any of these (done) cells, in order."""
+    return sorted({snap["step"] for c in cells for snap in c.get("snapshots") or []})
+
+
+def _values_at(cell: dict, step: int | None = None) -> dict | None:
+    """A done cell's values at the scored checkpoint (``step`` None) or at that kept snapshot (None when that
+    snapshot was not evaluated)."""
+    if step is None:
+        return cell["values"]
+    return next((snap["values"] for snap in cell.get("snapshots") or [] if snap["step"] == step), None)
+
+
 def _curve(done: list[dict], keys: Sequence[str]) -> list[dict]:
     """Aggregates over seeds at each snapshot step and at the end (``final``: true; its step when all seeds
     agree): the metrics against training steps. Seeds that lack a snapshot are left out of that point."""
-    steps = sorted({snap["step"] for c in done for snap in c.get("snapshots") or []})
+    steps = _snapshot_steps(done)
     points = []
     for step in steps:
-        rows = [snap["values"] for c in done for snap in c["snapshots"] if snap["step"] == step]
+        rows = [v for c in done if (v := _values_at(c, step)) is not None]
         points.append({"step": step, "final": False, "n": len(rows),
                        "aggregate": {k: aggregate_values([r.get(k) for r in rows]) for k in keys}})
     if done and steps:
@@ -278,11 +292,6 @@ PAIRED_KEYS = [("fid", True), ("fid_gmm", True), ("fid_two_stage", True), ("fid_
                ("active_units", False),
                ("neg_elbo_ar", True), ("is_nll", True), ("mse", True), ("kl_total", None), ("mi_per_dim", None),
                ("smoothness_normalised", None)]
-
-
-def _snapshot_steps(policies: list[dict]) -> list[int]:
-    return sorted({snap["step"] for p in policies for c in p["cells"] if c["status"] == "done"
-                   for snap in c.get("snapshots") or []})
 
 
 def paired_summary(policies: list[dict], reference: str | None = None, confidence: float = 0.95,
@@ -303,13 +312,9 @@ def paired_summary(policies: list[dict], reference: str | None = None, confidenc
         raise StudyError(f"reference policy {reference!r} is not in the study ({', '.join(specs)})")
     ref = policies[specs.index(reference)]
 
-    def values(cell: dict) -> dict | None:
-        if step is None:
-            return cell["values"]
-        return next((snap["values"] for snap in cell.get("snapshots") or [] if snap["step"] == step), None)
-
     def by_seed(p: dict, key: str) -> dict:
-        return {c["seed"]: v.get(key) for c in p["cells"] if c["status"] == "done" and (v := values(c)) is not None}
+        return {c["seed"]: v.get(key) for c in p["cells"]
+                if c["status"] == "done" and (v := _values_at(c, step)) is not None}
 
     rows = []
     for p in policies:
