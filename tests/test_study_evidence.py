@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from arelbo import stats  # noqa: E402
+from arelbo import report, stats  # noqa: E402
 from arelbo import study as S  # noqa: E402
 
 from test_study import TINY, TINY_EVAL, tree_state  # noqa: E402
@@ -137,6 +137,10 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     assert at3["differences"] == pytest.approx([a - b for a, b in zip(kl3, kl3_fixed)], rel=1e-12) and at3["n"] == 2
     md = (out / "report.md").read_text()
     assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
+    # the report renders the snapshot differences too, one table per kept step, with the JSON's numbers
+    table3 = md.split("seed by seed, at step 3")[1].split("\n## ")[0]
+    assert f"| {at3['label']} | KL (nats) | 2 | {report._fmt(at3['mean'])} |" in table3 and "at step 6" in md
+    assert 'id="paired-step-3"' in (out / "report.html").read_text()
     assert "![FID and active units against training steps](figures/curves.png)" in md and (out / "figures" / "curves.png").is_file()
     assert json.loads(json.dumps(res)) == res
 

@@ -96,9 +96,12 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]], list[str]]:
     return header, rows, notes
 
 
-def paired_rows(results: dict) -> tuple[str, list[str], list[list[str]]]:
-    """(title, header, rows) of the paired differences (reference - policy, same seed, t-interval), or rows = []."""
-    paired = results.get("paired") or {}
+def paired_rows(results: dict, paired: dict | None = None) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header, rows) of the paired differences (reference - policy, same seed, t-interval), or rows = [].
+
+    ``paired`` is one entry of ``paired_snapshots`` (differences at a kept snapshot); default: at the end."""
+    at_step = paired is not None
+    paired = (paired if at_step else results.get("paired")) or {}
     labels = {c["key"]: c["label"] + (f" ({c['unit']})" if c["unit"] else "") for c in results.get("columns", [])}
     header = ["policy", "metric", "seeds", "difference (mean)", f"{round(100 * paired.get('confidence', 0.95))}% interval",
               f"{paired.get('reference_label', 'reference')} is"]
@@ -107,8 +110,15 @@ def paired_rows(results: dict) -> tuple[str, list[str], list[list[str]]]:
         interval = "n/a" if r["lo"] is None else f"[{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
         rows.append([r["label"], labels.get(r["key"], r["key"]), str(r["n"]), _fmt(r["mean"]), interval, r["verdict"]])
     title = (f"Paired differences: {paired.get('reference_label', '')} minus each policy, seed by seed"
-             if paired else "")
+             + (f", at step {paired['step']}" if at_step else "") if paired else "")
     return title, header, rows
+
+
+def paired_tables(results: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(anchor, title, header, rows) of the paired differences at the end, then at each kept snapshot step."""
+    tables = [("paired", *paired_rows(results))]
+    tables += [(f"paired-step-{ps['step']}", *paired_rows(results, ps)) for ps in results.get("paired_snapshots") or []]
+    return [t for t in tables if t[3]]
 
 
 CURVE_KEYS = ("fid", "fid_gmm", "fid_two_stage", "fid_flow", "fid_reconstruction", "active_units", "kl_total", "neg_elbo_ar",
@@ -534,8 +544,7 @@ def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out
     if bad:
         lines += ["", "Runs without results:", ""] + [f"- {esc(p)} seed {s}: {esc(e)}" for p, s, e in bad]
     lines += ["", *[f"- {n}" for n in NOTES]]
-    title, pheader, prow = paired_rows(results)
-    if prow:
+    for _, title, pheader, prow in paired_tables(results):
         lines += ["", f"## {title}", "", "An interval that excludes zero is a difference beyond the spread of the "
                   "training seeds; otherwise the two are within the spread.", "",
                   "| " + " | ".join(esc(h) for h in pheader) + " |", "|" + " --- |" * len(pheader)]
@@ -612,9 +621,8 @@ def render_html(results: dict, figures: list[Figure], grids: list[dict]) -> str:
         parts.append("<p>Runs without results:</p><ul class=\"notes\">"
                      + "".join(f"<li>{e(p)} seed {s}: {e(err)}</li>" for p, s, err in bad) + "</ul>")
     parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in NOTES) + "</ul>")
-    title, pheader, prow = paired_rows(results)
     cheader, crows = curve_rows(results)
-    for key, heading, header_, rows_ in (("paired", title, pheader, prow), ("curve", "Against training steps", cheader, crows)):
+    for key, heading, header_, rows_ in [*paired_tables(results), ("curve", "Against training steps", cheader, crows)]:
         if rows_:
             parts += [f'<h2 id="{key}">{e(heading)}</h2>', '<div class="tablewrap">', '<table class="results">',
                       "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header_) + "</tr></thead>", "<tbody>"]
