@@ -139,6 +139,8 @@ def test_image_study_writes_results_figures_and_reports(image_study):
         assert (figs / name).read_bytes().startswith(PNG_MAGIC), name
     md = (out / "report.md").read_text()
     assert "| policy | seeds | FID |" in md and "| AR-ELBO |" in md and "![Oversmoothing sweep](figures/sweep.png)" in md
+    # notes for what this study has: FID columns and the two-stage policy
+    assert "- FID: the policy's own sampler" in md and "- two-stage: the learned-σ² run" in md
     for link in (line.split("](", 1)[1].split(")", 1)[0] for line in md.splitlines() if "](" in line):
         assert (out / link).is_file(), link
     study = json.loads((out / "study.json").read_text())

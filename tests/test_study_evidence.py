@@ -141,6 +141,9 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     table3 = md.split("seed by seed, at step 3")[1].split("\n## ")[0]
     assert f"| {at3['label']} | KL (nats) | 2 | {report._fmt(at3['mean'])} |" in table3 and "at step 6" in md
     assert 'id="paired-step-3"' in (out / "report.html").read_text()
+    # and no note about what this study lacks (no two-stage policy, no two-stage or reconstruction FID column)
+    assert "two-stage: the learned-σ² run" not in md and "- FID (two-stage), when present" not in md
+    assert "- Decoder smoothness, scale-free" in md
     assert "![FID and active units against training steps](figures/curves.png)" in md and (out / "figures" / "curves.png").is_file()
     assert json.loads(json.dumps(res)) == res
 

@@ -495,34 +495,55 @@ def _intro(results: dict) -> list[tuple[str, str]]:
     return lines
 
 
-NOTES = [
-    "Values are mean ± std over seeds (sample std, ddof = 1; a single seed shows the value alone).",
-    "Active units: latent j with Var_x(E_q[z_j]) > 0.01 on the evaluation split. KL: total KL(q(z|x) || p(z)) in nats.",
-    "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: their "
-    "rule's σ² fitted on the validation split, never on the evaluation split; ar-per-sample: n/a, a per-sample σ² "
-    "defines no density); -ELBO, common σ²: every policy at the isotropic σ² fitted on the validation split (the same "
-    "rule for all). bits/dim of the continuous density of pixels in [0, 1], so it goes negative for small σ² (lower "
-    "is better). IS-NLL: importance-sampled at the run's σ² (ar-per-sample: the common σ²).",
-    "Decoder smoothness, scale-free: ‖∂f/∂z_j‖ times the spread std(μ_j) of latent j's codes, unchanged when a "
-    "latent is rescaled. Σ_j I(x; z_j): each latent's own mutual information with x (Gaussian form: exact for a "
-    "Gaussian aggregate posterior, else an upper bound; unlike I(x; z), not capped at log N).",
-    "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
-    "per-sample policies: the mean).",
-    "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean.",
-    "FID (two-stage), when present: the two-stage sampler (a second VAE on the run's codes, stopped when its "
-    "validation -ELBO stops falling) for every policy. FID (reconstructions): the test images' reconstructions "
-    "f(μ(x)), the floor no sampler of that decoder is expected to beat. With several sample draws, results.json "
-    "keeps the FID's sampling spread (fid_draws_std) beside the seeds' spread.",
-    "FID: the policy's own sampler (the model's prior: N(0, I), or the learnable prior it was trained with; two-stage: "
-    "its second VAE). FID (flow), when present: a masked autoregressive flow fitted to the training posterior means "
-    "(early stopping on held-out codes), decoded. FID (GMM), when present: a "
-    "Gaussian mixture (10 components, or the count of --gmm-grid with the best validation likelihood) fitted to the training posterior means, decoded; the "
-    "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder.",
-    "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "
-    "latent codes (Dai & Wipf 2019; the second stage uses arelbo.samplers' defaults, an MLP VAE with the ar "
-    "objective, for the number of steps given under evaluation, sampled exactly: its decoder noise included unless "
-    "--two-stage-mean); its other columns are those of the learned run.",
+# The notes under a report's table: (what they need, text). What they need: None (always), a column key or
+# keys (any of them in the table), or TWO_STAGE_POLICY (the study has the two-stage policy).
+TWO_STAGE_POLICY = "policy:two-stage"
+NOTES: list[tuple[str | tuple[str, ...] | None, str]] = [
+    (None,
+     "Values are mean ± std over seeds (sample std, ddof = 1; a single seed shows the value alone)."),
+    (None,
+     "Active units: latent j with Var_x(E_q[z_j]) > 0.01 on the evaluation split. KL: total KL(q(z|x) || p(z)) in nats."),
+    (None,
+     "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: their "
+     "rule's σ² fitted on the validation split, never on the evaluation split; ar-per-sample: n/a, a per-sample σ² "
+     "defines no density); -ELBO, common σ²: every policy at the isotropic σ² fitted on the validation split (the same "
+     "rule for all). bits/dim of the continuous density of pixels in [0, 1], so it goes negative for small σ² (lower "
+     "is better). IS-NLL: importance-sampled at the run's σ² (ar-per-sample: the common σ²)."),
+    (("smoothness_normalised", "mi_per_dim"),
+     "Decoder smoothness, scale-free: ‖∂f/∂z_j‖ times the spread std(μ_j) of latent j's codes, unchanged when a "
+     "latent is rescaled. Σ_j I(x; z_j): each latent's own mutual information with x (Gaussian form: exact for a "
+     "Gaussian aggregate posterior, else an upper bound; unlike I(x; z), not capped at log N)."),
+    (None,
+     "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
+     "per-sample policies: the mean)."),
+    ("smoothness",
+     "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean."),
+    (("fid_two_stage", "fid_reconstruction"),
+     "FID (two-stage), when present: the two-stage sampler (a second VAE on the run's codes, stopped when its "
+     "validation -ELBO stops falling) for every policy. FID (reconstructions): the test images' reconstructions "
+     "f(μ(x)), the floor no sampler of that decoder is expected to beat. With several sample draws, results.json "
+     "keeps the FID's sampling spread (fid_draws_std) beside the seeds' spread."),
+    ("fid",
+     "FID: the policy's own sampler (the model's prior: N(0, I), or the learnable prior it was trained with; two-stage: "
+     "its second VAE). FID (flow), when present: a masked autoregressive flow fitted to the training posterior means "
+     "(early stopping on held-out codes), decoded. FID (GMM), when present: a "
+     "Gaussian mixture (10 components, or the count of --gmm-grid with the best validation likelihood) fitted to the training posterior means, decoded; the "
+     "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder."),
+    (TWO_STAGE_POLICY,
+     "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "
+     "latent codes (Dai & Wipf 2019; the second stage uses arelbo.samplers' defaults, an MLP VAE with the ar "
+     "objective, for the number of steps given under evaluation, sampled exactly: its decoder noise included unless "
+     "--two-stage-mean); its other columns are those of the learned run."),
 ]
+
+
+def report_notes(results: dict) -> list[str]:
+    """The notes that apply to this study's table: none about a column it lacks or a policy it did not run."""
+    have = {c["key"] for c in results.get("columns", [])}
+    if any(p.get("spec") == "two-stage" for p in results.get("policies", [])):
+        have.add(TWO_STAGE_POLICY)
+    return [text for need, text in NOTES
+            if need is None or bool(have.intersection((need,) if isinstance(need, str) else need))]
 
 
 def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out: Path) -> str:
@@ -543,7 +564,7 @@ def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out
     bad = failures(results)
     if bad:
         lines += ["", "Runs without results:", ""] + [f"- {esc(p)} seed {s}: {esc(e)}" for p, s, e in bad]
-    lines += ["", *[f"- {n}" for n in NOTES]]
+    lines += ["", *[f"- {n}" for n in report_notes(results)]]
     for _, title, pheader, prow in paired_tables(results):
         lines += ["", f"## {title}", "", "An interval that excludes zero is a difference beyond the spread of the "
                   "training seeds; otherwise the two are within the spread.", "",
@@ -620,7 +641,7 @@ def render_html(results: dict, figures: list[Figure], grids: list[dict]) -> str:
     if bad:
         parts.append("<p>Runs without results:</p><ul class=\"notes\">"
                      + "".join(f"<li>{e(p)} seed {s}: {e(err)}</li>" for p, s, err in bad) + "</ul>")
-    parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in NOTES) + "</ul>")
+    parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in report_notes(results)) + "</ul>")
     cheader, crows = curve_rows(results)
     for key, heading, header_, rows_ in [*paired_tables(results), ("curve", "Against training steps", cheader, crows)]:
         if rows_:
