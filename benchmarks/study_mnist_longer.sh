@@ -8,6 +8,8 @@
 #   OUT        the evidence study's folder: OUT/runs holds the 20-epoch runs (left untouched); the 60-epoch runs go
 #              to OUT/runs60, their study (results.json, report) to OUT/headline60
 #   JOBS       evaluations side by side (the trainings run JOBS at a time too)
+#   SEEDS, SPECS, EPOCHS (environment) a subset: e.g. SEEDS="0 1" SPECS=ar,learned-fair,fixed:0.01 (defaults:
+#              seeds 0-2, every headline spec, 60 epochs)
 #
 # Continuing is the same as training 60 epochs from the start: mnist-conv's learning rate is constant
 # (train.schedule: none) and resuming is exact (data order, RNG and optimiser state restored; tests/test_resume.py).
@@ -15,14 +17,24 @@
 # behind) and resumed with train.epochs=60; rerunning the script continues where it stopped.
 set -euo pipefail
 
-USAGE_LINES=2,10  # the lines of the header above that say how to call this script
+USAGE_LINES=2,12  # the lines of the header above that say how to call this script
 # shellcheck source=study_mnist_protocol.sh
 . "$(dirname "$0")/study_mnist_protocol.sh"  # DATA_ROOT OUT JOBS from the arguments (shifted away), ARELBO, PROTOCOL
 EPOCHS=${EPOCHS:-60}
 SEEDS=${SEEDS:-0 1 2}
-# the headline study's trainings (two-stage shares learned's; learned-fair trains as learned:mle,lr=0.01)
-POLICIES=(ar:ar fixed-1:fixed:1 fixed-0.1:fixed:0.1 fixed-0.03:fixed:0.03 fixed-0.01:fixed:0.01 learned:learned
-          learned-mle-lr0.01:learned-fair)
+# the headline study's trainings as run-name:spec (two-stage shares learned's; learned-fair trains as
+# learned:mle,lr=0.01); SPECS (environment, comma-separated, e.g. SPECS=ar,learned-fair,fixed:0.01) keeps a subset
+ALL=(ar:ar fixed-1:fixed:1 fixed-0.1:fixed:0.1 fixed-0.03:fixed:0.03 fixed-0.01:fixed:0.01 learned:learned
+     learned-mle-lr0.01:learned-fair)
+SPECS=${SPECS:-ar,fixed:1,fixed:0.1,fixed:0.03,fixed:0.01,learned,learned-fair,two-stage}
+POLICIES=()
+for p in "${ALL[@]}"; do
+    case ",$SPECS," in *",${p#*:},"*) POLICIES+=("$p") ;; esac
+done
+if [ "${#POLICIES[@]}" -eq 0 ]; then
+    echo "SPECS=$SPECS names none of the headline policies: ${ALL[*]#*:}" >&2
+    exit 2
+fi
 
 LONGER=()
 for a in "${PROTOCOL[@]}"; do  # the protocol with 60 epochs instead of 20
@@ -57,4 +69,4 @@ for p in "${POLICIES[@]}"; do
 done | xargs -P "$JOBS" -I{} bash -c 'extend "$@"' _ {}
 
 $ARELBO compare "${LONGER[@]}" --seeds "${SEEDS// /,}" --runs-dir "$OUT/runs60" --out "$OUT/headline60" \
-    --policies ar,fixed:1,fixed:0.1,fixed:0.03,fixed:0.01,learned,learned-fair,two-stage "$@"
+    --policies "$SPECS" "$@"
