@@ -100,8 +100,7 @@ def paired_rows(results: dict, paired: dict | None = None) -> tuple[str, list[st
     """(title, header, rows) of the paired differences (reference - policy, same seed, t-interval), or rows = [].
 
     ``paired`` is one entry of ``paired_snapshots`` (differences at a kept snapshot); default: at the end."""
-    at_step = paired is not None
-    paired = (paired if at_step else results.get("paired")) or {}
+    paired = (results.get("paired") if paired is None else paired) or {}
     labels = {c["key"]: c["label"] + (f" ({c['unit']})" if c["unit"] else "") for c in results.get("columns", [])}
     header = ["policy", "metric", "seeds", "difference (mean)", f"{round(100 * paired.get('confidence', 0.95))}% interval",
               f"{paired.get('reference_label', 'reference')} is"]
@@ -109,8 +108,9 @@ def paired_rows(results: dict, paired: dict | None = None) -> tuple[str, list[st
     for r in paired.get("rows") or []:
         interval = "n/a" if r["lo"] is None else f"[{_fmt(r['lo'])}, {_fmt(r['hi'])}]"
         rows.append([r["label"], labels.get(r["key"], r["key"]), str(r["n"]), _fmt(r["mean"]), interval, r["verdict"]])
-    title = (f"Paired differences: {paired.get('reference_label', '')} minus each policy, seed by seed"
-             + (f", at step {paired['step']}" if at_step else "") if paired else "")
+    at_step = f", at step {paired['step']}" if "step" in paired else ""
+    title = (f"Paired differences: {paired.get('reference_label', '')} minus each policy, seed by seed{at_step}"
+             if paired else "")
     return title, header, rows
 
 
@@ -495,15 +495,15 @@ def _intro(results: dict) -> list[tuple[str, str]]:
     return lines
 
 
-# The notes under a report's table: (what they need, text). What they need: None (always), a column key or
-# keys (any of them in the table), or TWO_STAGE_POLICY (the study has the two-stage policy).
+# The notes under a report's table: (what they need, text). What they need: () for always, else column keys or
+# TWO_STAGE_POLICY (the study has the two-stage policy), any one of which is enough.
 TWO_STAGE_POLICY = "policy:two-stage"
-NOTES: list[tuple[str | tuple[str, ...] | None, str]] = [
-    (None,
+NOTES: list[tuple[tuple[str, ...], str]] = [
+    ((),
      "Values are mean ± std over seeds (sample std, ddof = 1; a single seed shows the value alone)."),
-    (None,
+    ((),
      "Active units: latent j with Var_x(E_q[z_j]) > 0.01 on the evaluation split. KL: total KL(q(z|x) || p(z)) in nats."),
-    (None,
+    ((),
      "MSE: per element, reconstruction from the posterior mean. -ELBO under each run's own σ² (ar-type policies: their "
      "rule's σ² fitted on the validation split, never on the evaluation split; ar-per-sample: n/a, a per-sample σ² "
      "defines no density); -ELBO, common σ²: every policy at the isotropic σ² fitted on the validation split (the same "
@@ -513,23 +513,23 @@ NOTES: list[tuple[str | tuple[str, ...] | None, str]] = [
      "Decoder smoothness, scale-free: ‖∂f/∂z_j‖ times the spread std(μ_j) of latent j's codes, unchanged when a "
      "latent is rescaled. Σ_j I(x; z_j): each latent's own mutual information with x (Gaussian form: exact for a "
      "Gaussian aggregate posterior, else an upper bound; unlike I(x; z), not capped at log N)."),
-    (None,
+    ((),
      "final σ²: the policy's σ² on the validation set after the last epoch (fixed: the constant; per-element and "
      "per-sample policies: the mean)."),
-    ("smoothness",
+    (("smoothness",),
      "Decoder smoothness: mean over examples and latent dimensions of ‖∂f/∂z_j‖ at the posterior mean."),
     (("fid_two_stage", "fid_reconstruction"),
      "FID (two-stage), when present: the two-stage sampler (a second VAE on the run's codes, stopped when its "
      "validation -ELBO stops falling) for every policy. FID (reconstructions): the test images' reconstructions "
      "f(μ(x)), the floor no sampler of that decoder is expected to beat. With several sample draws, results.json "
      "keeps the FID's sampling spread (fid_draws_std) beside the seeds' spread."),
-    ("fid",
+    (("fid",),
      "FID: the policy's own sampler (the model's prior: N(0, I), or the learnable prior it was trained with; two-stage: "
      "its second VAE). FID (flow), when present: a masked autoregressive flow fitted to the training posterior means "
      "(early stopping on held-out codes), decoded. FID (GMM), when present: a "
      "Gaussian mixture (10 components, or the count of --gmm-grid with the best validation likelihood) fitted to the training posterior means, decoded; the "
      "gap between the two is the prior's mismatch with the aggregate posterior (prior holes), not the decoder."),
-    (TWO_STAGE_POLICY,
+    ((TWO_STAGE_POLICY,),
      "two-stage: the learned-σ² run (same training run as 'learned') generating through a second VAE fitted to its "
      "latent codes (Dai & Wipf 2019; the second stage uses arelbo.samplers' defaults, an MLP VAE with the ar "
      "objective, for the number of steps given under evaluation, sampled exactly: its decoder noise included unless "
@@ -542,8 +542,7 @@ def report_notes(results: dict) -> list[str]:
     have = {c["key"] for c in results.get("columns", [])}
     if any(p.get("spec") == "two-stage" for p in results.get("policies", [])):
         have.add(TWO_STAGE_POLICY)
-    return [text for need, text in NOTES
-            if need is None or bool(have.intersection((need,) if isinstance(need, str) else need))]
+    return [text for need, text in NOTES if not need or have.intersection(need)]
 
 
 def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out: Path) -> str:
