@@ -1,10 +1,12 @@
-"""Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, and GFLOP/s vs peak.
+"""Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, GFLOP/s vs peak, and
+(``--priors``) the cost of a training step with each prior of ``model.prior``.
 
 The `ar` overhead is reported two ways: whole training steps of an `ar` and a `fixed` (sigma2 = 1) model
 (two different models, so noisy on a shared machine), and the loss alone on identical tensors relative to a
 step (the policy's own cost).
 
     python benchmarks/bench_train.py [--preset mnist-conv] [--steps 60] [--repeats 5] [--out docs/benchmarks.json]
+    python benchmarks/bench_train.py --priors [--steps 40] [--repeats 5] [--out docs/bench_priors.json]
 
 Everything is measured in this one process, interleaved, and reported as medians of repeats and ratios of medians
 (timings on a shared machine are noisy: compare only numbers from one run). Results go to docs/benchmarks.md.
@@ -59,6 +61,50 @@ def make_step(cfg, shape, policy: str, sigma2: float = 1.0):
     return step
 
 
+def make_prior_step(cfg, shape, prior: str):
+    """An `ar` training step of the model with ``model.prior = prior`` (the training loop's own sequence: encode,
+    reparameterise, decode, the prior's rate, closed form for N(0, I) and one-sample Monte-Carlo otherwise) and
+    the model it trains."""
+    import dataclasses
+
+    from arelbo.objectives import GaussianVAELoss
+
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(cfg.model, prior=prior), shape)
+    loss_fn = GaussianVAELoss("ar", check_finite=False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+
+    def step(x):
+        mu, logvar = model.encode(x)
+        z = model.reparameterize(mu, logvar)
+        loss = loss_fn(x, model.decode(z), mu, logvar, rate=model.rate(mu, logvar, z)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, model
+
+
+def bench_priors(cfg, shape, batches, repeats: int) -> dict:
+    """Seconds per `ar` step with each registered prior, interleaved (the order rotates every repeat); medians and
+    their ratio to the standard prior's."""
+    from arelbo.models.priors import PRIORS
+
+    names = sorted(PRIORS, key=lambda n: (n != "standard", n))
+    steps = {name: make_prior_step(cfg, shape, name)[0] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            times[name].append(time_steps(steps[name], batches))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "prior_step_ms": {name: 1e3 * m for name, m in med.items()},
+        "prior_step_ms_per_repeat": {name: [1e3 * t for t in ts] for name, ts in times.items()},
+        "prior_step_ratio_to_standard": {name: m / med["standard"] for name, m in med.items()},
+    }
+
+
 def time_steps(step, batches) -> float:
     """Seconds per step over the given batches (after one warm-up step)."""
     step(batches[0])
@@ -99,6 +145,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--priors", action="store_true",
+                        help="time an `ar` training step with each prior of model.prior instead")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +158,11 @@ def main(argv=None) -> dict:
     data = to_float(splits.train[:n])
     batches = list(data.split(bs))[: args.steps]
 
-    results = {"preset": args.preset, "batch_size": bs, "steps": args.steps, "repeats": args.repeats}
+    results = {"preset": args.preset, "batch_size": bs, "steps": args.steps, "repeats": args.repeats,
+               "loadavg_start": _loadavg()}
+    if args.priors:
+        results.update(bench_priors(cfg, splits.shape, batches, args.repeats))
+        return _finish(results, args.out)
     bare_ar, bare_fixed, pipeline = [], [], []
     steps = {"ar": make_step(cfg, splits.shape, "ar"), "fixed": make_step(cfg, splits.shape, "fixed")}
     pipeline_fn = _pipeline_runner(cfg, splits, args.steps)
@@ -140,15 +192,29 @@ def main(argv=None) -> dict:
     results["achieved_gflops"] = flops / med(bare_ar) / 1e9
     results["matmul_peak_gflops"] = matmul_peak_gflops()
     results["fraction_of_peak"] = results["achieved_gflops"] / results["matmul_peak_gflops"]
+    return _finish(results, args.out)
+
+
+def _finish(results: dict, out: str | None) -> dict:
+    """Add the machine's description, print, and write ``out`` (JSON) when given."""
     results["torch"] = torch.__version__
     results["threads"] = torch.get_num_threads()
     results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
-
+    results["loadavg_end"] = _loadavg()
     print(json.dumps(results, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+def _loadavg() -> str | None:
+    """The 1/5/15-minute load averages (Linux), recorded with every timing: a loaded machine's numbers are wrong."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None
 
 
 def _pipeline_runner(cfg, splits, steps):

@@ -390,8 +390,9 @@ def test_compare_with_a_learnable_prior_and_the_flow_column(tmp_path, capsys):
 
 
 def test_priors_study_script_plans_four_studies(tmp_path):
-    """benchmarks/study_mnist_priors.sh --dry-run: one study per prior (the standard prior's runs shared with the
-    evidence plan's runs folder), the flow column on, the best fixed sigma^2 chosen by FIXED."""
+    """benchmarks/study_mnist_priors.sh --dry-run: one study per prior, each in its own runs folder (the standard
+    prior's apart from the evidence plan's, whose evaluations it must not replace), the flow column on, the best
+    fixed sigma^2 chosen by FIXED; SPECS/SEEDS a subset and LIGHT=1 the lighter evaluation."""
     import os
     import subprocess
     import sys
@@ -402,16 +403,29 @@ def test_priors_study_script_plans_four_studies(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "study_mnist_priors.sh"
     env = {**os.environ, "ARELBO": f"{sys.executable} -m arelbo.cli", "FIXED": "0.03",
            "PYTHONPATH": os.pathsep.join([str(Path(arelbo.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(["bash", str(script), "", str(tmp_path / "ev"), "2", "--dry-run"], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    states = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[-1] == "yet"]
-    assert len(states) == 4 * 4 * 3 and "fixed-0.03-s2" in states and "learned-mle-lr0.01-s0" in states
+
+    def plan(**extra):
+        proc = subprocess.run(["bash", str(script), "", str(tmp_path / "ev"), "2", "--dry-run"], capture_output=True,
+                              text=True, env={**env, **extra}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ") and line.split()[-1] == "yet"]
+        return proc.stdout, runs
+
+    out, runs = plan()
+    assert len(runs) == 4 * 4 * 3 and "fixed-0.03-s2" in runs and "learned-mle-lr0.01-s0" in runs
     for prior in ("standard", "mog", "vamp", "flow"):
-        assert f"  prior: {prior}\n" in proc.stdout
-    for folder in ("runs", "runs-mog", "runs-vamp", "runs-flow"):
-        assert '"runs_dir": "' + str(tmp_path / "ev" / folder) + '"' in proc.stdout
-    assert proc.stdout.count('"flow": true') == 4
+        assert f"  prior: {prior}\n" in out
+    for folder in ("runs-standard", "runs-mog", "runs-vamp", "runs-flow"):
+        assert '"runs_dir": "' + str(tmp_path / "ev" / folder) + '"' in out
+    assert out.count('"flow": true') == 4 and out.count('"fid_repeats": 3') == 4
+    assert out.count('"two_stage_all": true') == 4
+    assert not (tmp_path / "ev").exists()  # a dry run copies nothing
+
+    out, runs = plan(LIGHT="1", SPECS="ar,learned", SEEDS="1")
+    assert sorted(runs) == sorted(["ar-s1", "learned-s1"] * 4)
+    assert out.count('"fid_repeats": 1') == 4 and out.count('"two_stage_all": false') == 4
+    assert out.count('"snapshots": false') == 4 and out.count('"is_examples": 0') == 4
+    assert out.count('"flow": true') == 4
     bad = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "DATA_ROOT" in bad.stderr
 
@@ -448,3 +462,34 @@ def test_wrongly_typed_prior_and_sampler_options_are_one_line_errors():
         make_sampler("flow", hidden=64)
     assert make_prior("mog", 3, components=2).components == 2
     make_sampler("two-stage", hidden=[8, 8], steps=3)
+
+
+def test_bench_train_times_a_training_step_of_every_prior(gaussian_splits):
+    """benchmarks/bench_train.py --priors: every registered prior timed, the standard prior the unit; the timed
+    step trains the prior (its parameters move: the Monte-Carlo rate's cost is in the timing), and its first loss
+    is the objective at the model's own rate."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = _tiny("standard")
+    batches = list(gaussian_splits.train[:64].float().split(32))
+    res = bench.bench_priors(cfg, gaussian_splits.shape, batches, repeats=2)
+    assert set(res["prior_step_ms"]) == set(PRIORS)
+    assert res["prior_step_ratio_to_standard"]["standard"] == 1.0
+    assert all(len(v) == 2 and min(v) > 0 for v in res["prior_step_ms_per_repeat"].values())
+    for name in sorted(set(PRIORS) - {"standard"}):
+        step, model = bench.make_prior_step(cfg, gaussian_splits.shape, name)
+        before = [p.detach().clone() for p in model.prior.parameters()]
+        x = batches[0]
+        torch.manual_seed(1)
+        mu, logvar = model.encode(x)
+        z = model.reparameterize(mu, logvar)
+        expected = GaussianVAELoss("ar")(x, model.decode(z), mu, logvar, rate=model.rate(mu, logvar, z)).loss
+        torch.manual_seed(1)
+        loss = step(x)
+        torch.testing.assert_close(loss, expected)
+        assert before and any(not torch.equal(b, p) for b, p in zip(before, model.prior.parameters())), name
