@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -40,39 +41,19 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 7) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def make_step(cfg, shape, policy: str, sigma2: float = 1.0):
-    """A bare training step: the few lines a user would write around the library's loss."""
-    from arelbo.objectives import GaussianVAELoss
-
-    torch.manual_seed(0)
-    model = build_model(cfg.model, shape)
-    kwargs = {"sigma2": sigma2} if policy == "fixed" else {}
-    loss_fn = GaussianVAELoss(policy, check_finite=False, **kwargs)
-    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr)
-
-    def step(x):
-        out = model(x)
-        loss = loss_fn(x, out.x_hat, out.mu, out.logvar).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
-
-
-def make_prior_step(cfg, shape, prior: str):
-    """An `ar` training step of the model with ``model.prior = prior`` (the training loop's own sequence: encode,
-    reparameterise, decode, the prior's rate, closed form for N(0, I) and one-sample Monte-Carlo otherwise) and
-    the model it trains."""
+def make_step(cfg, shape, policy: str, sigma2: float = 1.0, prior: str | None = None):
+    """A bare training step (the few lines a user would write around the library's loss) and the model it trains.
+    With ``prior`` the model has that ``model.prior``; the rate is the prior's (closed form for N(0, I), the
+    one-sample Monte-Carlo estimate otherwise), as in the training loop."""
     import dataclasses
 
     from arelbo.objectives import GaussianVAELoss
 
     torch.manual_seed(0)
-    model = build_model(dataclasses.replace(cfg.model, prior=prior), shape)
-    loss_fn = GaussianVAELoss("ar", check_finite=False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    model = build_model(cfg.model if prior is None else dataclasses.replace(cfg.model, prior=prior), shape)
+    kwargs = {"sigma2": sigma2} if policy == "fixed" else {}
+    loss_fn = GaussianVAELoss(policy, check_finite=False, **kwargs)
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr)
 
     def step(x):
         mu, logvar = model.encode(x)
@@ -92,7 +73,7 @@ def bench_priors(cfg, shape, batches, repeats: int) -> dict:
     from arelbo.models.priors import PRIORS
 
     names = sorted(PRIORS, key=lambda n: (n != "standard", n))
-    steps = {name: make_prior_step(cfg, shape, name)[0] for name in names}
+    steps = {name: make_step(cfg, shape, "ar", prior=name)[0] for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(repeats):
         for name in names[i % len(names):] + names[: i % len(names)]:
@@ -159,12 +140,12 @@ def main(argv=None) -> dict:
     batches = list(data.split(bs))[: args.steps]
 
     results = {"preset": args.preset, "batch_size": bs, "steps": args.steps, "repeats": args.repeats,
-               "loadavg_start": _loadavg()}
+               "load_average_start": os.getloadavg()}
     if args.priors:
         results.update(bench_priors(cfg, splits.shape, batches, args.repeats))
         return _finish(results, args.out)
     bare_ar, bare_fixed, pipeline = [], [], []
-    steps = {"ar": make_step(cfg, splits.shape, "ar"), "fixed": make_step(cfg, splits.shape, "fixed")}
+    steps = {name: make_step(cfg, splits.shape, name)[0] for name in ("ar", "fixed")}
     pipeline_fn = _pipeline_runner(cfg, splits, args.steps)
     loss_ar, loss_fixed = [], []
     for i in range(args.repeats):  # interleaved, order alternating, so drifts in machine load hit all alike
@@ -200,21 +181,12 @@ def _finish(results: dict, out: str | None) -> dict:
     results["torch"] = torch.__version__
     results["threads"] = torch.get_num_threads()
     results["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
-    results["loadavg_end"] = _loadavg()
+    results["load_average_end"] = os.getloadavg()
     print(json.dumps(results, indent=2))
     if out:
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
     return results
-
-
-def _loadavg() -> str | None:
-    """The 1/5/15-minute load averages (Linux), recorded with every timing: a loaded machine's numbers are wrong."""
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return None
 
 
 def _pipeline_runner(cfg, splits, steps):

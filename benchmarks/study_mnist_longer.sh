@@ -51,18 +51,14 @@ extend() {  # copy one finished 20-epoch run and continue it to EPOCHS epochs
             echo "$src: no finished 20-epoch run; run benchmarks/study_mnist_evidence.sh first" >&2
             return 1
         fi
-        rm -rf "$dst.partial"
-        cp -a "$src" "$dst.partial"
-        rm -f "$dst.partial"/metrics*.json "$dst.partial"/study-run.json "$dst.partial"/samples.png
-        rm -rf "$dst.partial"/samplers
-        mv "$dst.partial" "$dst"
+        copy_run "$src" "$dst" samples.png  # (its training's samples.png: the continued training writes its own)
     fi
     if [ ! -f "$dst/extended-to-$EPOCHS" ]; then  # (a finished run refuses a resume to its own length)
         $ARELBO train --resume "$dst" --set "train.epochs=$EPOCHS" --quiet
         touch "$dst/extended-to-$EPOCHS"
     fi
 }
-export -f extend
+export -f extend copy_run
 export OUT ARELBO EPOCHS
 for p in "${POLICIES[@]}"; do
     for s in $SEEDS; do echo "${p%%:*}-s$s"; done

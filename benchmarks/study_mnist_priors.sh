@@ -56,11 +56,7 @@ if [ "$dry" = 0 ]; then  # the evidence plan's finished standard-prior trainings
         awk '$1 ~ /-s[0-9]+$/ && $2 == "new" {print $1}' | while read -r run; do
         src="$OUT/runs/$run" dst="$OUT/runs-standard/$run"
         if [ -f "$src/checkpoints/last.pt" ] && [ ! -d "$dst" ]; then
-            rm -rf "$dst.partial"
-            cp -a "$src" "$dst.partial"
-            rm -f "$dst.partial"/metrics*.json "$dst.partial"/study-run.json
-            rm -rf "$dst.partial"/samplers
-            mv "$dst.partial" "$dst"
+            copy_run "$src" "$dst"
         fi
     done
 fi

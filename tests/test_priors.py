@@ -482,7 +482,7 @@ def test_bench_train_times_a_training_step_of_every_prior(gaussian_splits):
     assert res["prior_step_ratio_to_standard"]["standard"] == 1.0
     assert all(len(v) == 2 and min(v) > 0 for v in res["prior_step_ms_per_repeat"].values())
     for name in sorted(set(PRIORS) - {"standard"}):
-        step, model = bench.make_prior_step(cfg, gaussian_splits.shape, name)
+        step, model = bench.make_step(cfg, gaussian_splits.shape, "ar", prior=name)
         before = [p.detach().clone() for p in model.prior.parameters()]
         x = batches[0]
         torch.manual_seed(1)
