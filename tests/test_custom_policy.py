@@ -35,7 +35,6 @@ class ScaledAR(DecoderVariance):
 
     name = "test-scaled-ar"
     label = "scaled AR"
-    spec_option = "scale"
 
     def __init__(self, scale: float = 1.0, floor: float = 1e-6):
         super().__init__(floor)

@@ -268,7 +268,7 @@ def test_image_run_with_fid(tmp_path):
 
 
 def test_dequantized_scores_stay_in_each_pixels_bin_and_report_discrete_bits(tmp_path):
-    from arelbo.evaluate import _dequantized
+    from arelbo.evaluate.common import dequantized as _dequantized
 
     v = torch.arange(256, dtype=torch.uint8).repeat(400)
     x = _dequantized(v, torch.Generator().manual_seed(0))

@@ -64,7 +64,7 @@ def test_the_version_is_written_once():
     assert res.stdout.strip() == f"arelbo {arelbo.__version__}"
 
 
-CORE = ["objectives.py", "linear.py", "registry.py", "fileio.py", "models", "metrics"]
+CORE = ["objectives", "linear.py", "registry.py", "fileio.py", "models", "metrics"]
 PIPELINE = {"train", "cli", "study", "report", "runs", "data", "config", "evaluate", "evalconfig", "demo", "grids",
             "samplers", "imagegrid", "stats"}
 
@@ -86,3 +86,77 @@ def test_the_core_imports_nothing_from_the_pipeline():
                 if parts[0] == "arelbo" and len(parts) > 1 and parts[1] in PIPELINE:
                     offending.append(f"{path.relative_to(src)}: {name}")
     assert offending == []
+
+
+def _arelbo_imports(path: Path) -> set[str]:
+    """The arelbo modules a file imports at run time (at any depth; blocks under ``if TYPE_CHECKING:`` are not run)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for n in ast.walk(node)}
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("arelbo")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("arelbo"):
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_no_import_circles_between_the_packages_modules():
+    """Data flow one way (data -> model -> objective -> trainer -> run -> evaluation -> study -> report): no two
+    top-level modules or packages of arelbo import each other, directly or through others."""
+    src = ROOT / "src" / "arelbo"
+    top = {p.stem if p.is_file() else p.name for p in src.iterdir()
+           if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
+    graph: dict[str, set[str]] = {name: set() for name in top}
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src).parts
+        if parts == ("__init__.py",):
+            continue  # the package face: lazy look-ups only
+        here = parts[0].removesuffix(".py")
+        for name in _arelbo_imports(path):
+            target = name.split(".")[1] if "." in name else None
+            if target in graph and target != here:
+                graph[here].add(target)
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    circles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in reaches(b)})
+    assert circles == []
+
+
+def test_no_source_file_over_600_lines():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "src").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}
+
+
+def test_package_faces_list_public_names_only():
+    """Every package's ``__all__`` names public objects that exist; internals are imported from their own modules."""
+    import importlib
+
+    src = ROOT / "src" / "arelbo"
+    faces = ["arelbo"] + [f"arelbo.{p.parent.relative_to(src).as_posix().replace('/', '.')}"
+                          for p in src.rglob("__init__.py") if p.parent != src]
+    assert len(faces) >= 10
+    for name in faces:
+        module = importlib.import_module(name)
+        exported = getattr(module, "__all__", None)
+        assert exported, f"{name} has no __all__"
+        assert [n for n in exported if n.startswith("_") and n != "__version__"] == [], name
+        assert [n for n in exported if not hasattr(module, n)] == [], name
+        # no private name of another module re-exported through the face
+        borrowed = [n for n, v in vars(module).items() if n.startswith("_") and not n.startswith("__")
+                    and callable(v) and getattr(v, "__module__", name) != name]
+        assert borrowed == [], f"{name} re-exports private names {borrowed}"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from arelbo.samplers import GMMSampler, TwoStageSampler, _EarlyStopping, load_sampler, make_sampler, save_sampler
+from arelbo.samplers import GMMSampler, TwoStageSampler, load_sampler, make_sampler, save_sampler
+from arelbo.samplers.two_stage import _EarlyStopping
 
 from test_samplers import IdentityVAE, mixture_codes
 

@@ -373,7 +373,7 @@ def test_compile_trains_the_same_model(tmp_path, image_folder):
 
 
 def test_training_without_tensorboard_warns_and_keeps_metrics(tmp_path, splits, monkeypatch):
-    from arelbo import train
+    from arelbo.train import loop as train
 
     monkeypatch.setattr(train, "_tensorboard_available", lambda: False)
     with pytest.warns(UserWarning, match="TensorBoard events are not written"):

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from arelbo import report, stats  # noqa: E402
+from arelbo import stats  # noqa: E402
+from arelbo.report import tables as report_tables  # noqa: E402
 from arelbo import study as S  # noqa: E402
 
 from test_study import TINY, TINY_EVAL, tree_state  # noqa: E402
@@ -139,7 +140,7 @@ def test_study_evaluates_snapshots_and_aggregates_against_steps_with_paired_stat
     assert "## Paired differences" in md and "## Against training steps" in md and "| 3 |" in md
     # the report renders the snapshot differences too, one table per kept step, with the JSON's numbers
     table3 = md.split("seed by seed, at step 3")[1].split("\n## ")[0]
-    assert f"| {at3['label']} | KL (nats) | 2 | {report._fmt(at3['mean'])} |" in table3 and "at step 6" in md
+    assert f"| {at3['label']} | KL (nats) | 2 | {report_tables._fmt(at3['mean'])} |" in table3 and "at step 6" in md
     assert 'id="paired-step-3"' in (out / "report.html").read_text()
     # and no note about what this study lacks (no two-stage policy, no two-stage or reconstruction FID column)
     assert "two-stage: the learned-σ² run" not in md and "- FID (two-stage), when present" not in md

@@ -399,7 +399,7 @@ class RunConfig:
         return dump_yaml(self.to_dict())
 
     def save(self, path) -> None:
-        from arelbo.runs import atomic_write_text
+        from arelbo.fileio import atomic_write_text
 
         atomic_write_text(path, self.to_yaml())
 

@@ -123,7 +123,7 @@ def run_demo(out="runs/demo", epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER
 
     from arelbo.data import load_dataset
     from arelbo.imagegrid import stack_labelled
-    from arelbo.runs import atomic_write_text
+    from arelbo.fileio import atomic_write_text
     from arelbo.grids import sample_grid
     from arelbo.train import fit
 

@@ -63,7 +63,7 @@ def save_png(grid: np.ndarray, path) -> Path:
 
     from PIL import Image
 
-    from arelbo.runs import atomic_write_bytes
+    from arelbo.fileio import atomic_write_bytes
 
     path = Path(path)
     image = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from arelbo.fileio import atomic_write_bytes, atomic_write_text  # noqa: F401 (part of this module's API)
+from arelbo.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"

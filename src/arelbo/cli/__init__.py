@@ -13,6 +13,8 @@ import pickle
 import sys
 import traceback
 
+__all__ = ["main", "COMMANDS"]
+
 # subcommand -> (module, one-line help). Adding a command is one line here plus the module's two functions.
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("arelbo.cli.eval", "evaluate a trained run: collapse diagnostics, -ELBO / IS-NLL, samplers + FID -> metrics.json"),

@@ -84,7 +84,8 @@ def _kind(parser: argparse.ArgumentParser) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from arelbo.study import DEFAULT_POLICIES, DEFAULT_SWEEP_SIGMA2, SCALES, _num
+    from arelbo.objectives.base import format_number as _num
+    from arelbo.study import DEFAULT_POLICIES, DEFAULT_SWEEP_SIGMA2, SCALES
 
     kind = _kind(parser)
     parser.set_defaults(_study_kind=kind)
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.report_only:
         from arelbo.report import write_report
-        from arelbo.runs import atomic_write_text
+        from arelbo.fileio import atomic_write_text
 
         for r in plan.runs:  # a run trained with another config than this command describes is an error
             run_state(r, plan.eval)

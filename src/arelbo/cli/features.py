@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from arelbo.data import load_dataset
     from arelbo.metrics.features import sha256_file, train_mnist_features
-    from arelbo.runs import atomic_write_bytes, atomic_write_text
+    from arelbo.fileio import atomic_write_bytes, atomic_write_text
 
     if args.epochs < 1:
         raise ValueError("--epochs must be >= 1")

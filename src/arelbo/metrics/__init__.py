@@ -1,7 +1,4 @@
-"""Evaluation metrics (pure PyTorch): posterior-collapse diagnostics, likelihoods, and FID with feature networks.
-
-Plain list of imports; each part appends its own line(s).
-"""
+"""Evaluation metrics (pure PyTorch): posterior-collapse diagnostics, likelihoods, and FID with feature networks."""
 
 from arelbo.metrics.collapse import (
     ACTIVE_UNIT_THRESHOLD,
@@ -36,3 +33,36 @@ from arelbo.metrics.features import (
     get_feature_net,
 )
 from arelbo.metrics.fid import compute_fid, featurize, fid_from_features, kid_from_features
+
+__all__ = [
+    "ACTIVE_UNIT_THRESHOLD",
+    "ActiveUnits",
+    "RunningMoments",
+    "active_units",
+    "active_units_from_loader",
+    "ar_sigma2",
+    "batch_sq_err",
+    "decoder_smoothness",
+    "encode_dataset",
+    "kl_per_dim",
+    "mutual_information",
+    "ELBOAccumulator",
+    "ELBOResult",
+    "ISResult",
+    "bits_per_dim",
+    "importance_sampled_nll",
+    "importance_sampled_nll_dataset",
+    "linear_gaussian_nll",
+    "linear_vae_exact_nll",
+    "neg_elbo",
+    "resolve_sigma2",
+    "FEATURE_NETS",
+    "FeatureNetError",
+    "FeatureNetUnavailable",
+    "MnistClassifier",
+    "get_feature_net",
+    "compute_fid",
+    "featurize",
+    "fid_from_features",
+    "kid_from_features",
+]

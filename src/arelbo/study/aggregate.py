@@ -355,7 +355,7 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
     """Fixed-sigma2 policies (two or more) against sigma2, and the other policies' final sigma2 for the marker."""
     from arelbo.objectives import DEFAULT_POLICY
 
-    fixed = sorted((p for p in policies if policy_sigma2_kind(p) == "given" and p.get("sigma2") is not None),
+    fixed = sorted((p for p in policies if _sigma2_kind(p) == "given" and p.get("sigma2") is not None),
                    key=lambda p: p["sigma2"])
     if len(fixed) < 2:
         return None
@@ -363,7 +363,7 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
             "fid_two_stage", "fid_flow")
     # the marker: AR-ELBO's final sigma2 (the isotropic default policy; other policies whose sigma2 is estimated
     # from the data only when it is absent)
-    ar_type = [p for p in policies if policy_sigma2_kind(p) == "estimated" and p["n_done"]]
+    ar_type = [p for p in policies if _sigma2_kind(p) == "estimated" and p["n_done"]]
     marked = [p for p in ar_type if p["policy"] == DEFAULT_POLICY] or ar_type
     refs = [{"spec": p["spec"], "label": p["label"], "sigma2": p["aggregate"]["sigma2_final"],
              **{k: p["aggregate"].get(k) for k in keys}} for p in marked]
@@ -373,7 +373,7 @@ def _sweep_summary(policies: list[dict]) -> dict | None:
             "references": refs}
 
 
-def policy_sigma2_kind(p: dict) -> str:
+def _sigma2_kind(p: dict) -> str:
     """A results.json policy entry's ``sigma2_kind`` (entries written before it was recorded: from the registry)."""
     from arelbo.objectives import POLICIES
 

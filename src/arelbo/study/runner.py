@@ -49,7 +49,7 @@ def _read_marker(run_dir: Path) -> dict:
 
 
 def _write_marker(run_dir: Path, **updates) -> dict:
-    from arelbo.runs import atomic_write_text
+    from arelbo.fileio import atomic_write_text
 
     marker = _read_marker(run_dir)
     history = marker.get("history", [])
@@ -208,7 +208,7 @@ def _now() -> str:
 
 
 def write_plan(plan: StudyPlan, status: str, extra: dict | None = None) -> Path:
-    from arelbo.runs import atomic_write_text
+    from arelbo.fileio import atomic_write_text
 
     plan.out.mkdir(parents=True, exist_ok=True)
     d = plan.to_dict()
@@ -256,7 +256,7 @@ def _package_path() -> str:
 def _run_subprocess(run: PlannedRun, state: str, opts: EvalOptions, plan: StudyPlan, threads: int,
                     log: Callable[[str], None]) -> dict:
     """The same as :func:`_run_in_process` through ``python -m arelbo.cli train/eval`` (for --jobs N)."""
-    from arelbo.runs import atomic_write_text
+    from arelbo.fileio import atomic_write_text
 
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -410,7 +410,7 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
         write_plan(plan, "interrupted", {"interrupted": _now()})
         raise StudyInterrupted(f"study interrupted ({err}); run the same command again to continue where it stopped") from None
     results = collect_results(plan, wall_seconds=time.perf_counter() - t_start)
-    from arelbo.runs import atomic_write_text
+    from arelbo.fileio import atomic_write_text
 
     atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")
     if report:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from arelbo.config import ConfigError
-from arelbo.objectives import Learned
+from arelbo.objectives.base import format_number
 
 
 RESULTS_FORMAT = 1
@@ -28,12 +28,6 @@ class StudyError(ConfigError):
 
 # --------------------------------------------------------------------------------------------------------------
 # Policy specs
-
-
-def _num(value: float) -> str:
-    """Canonical text of a float: shortest round-trip repr, without a trailing '.0' (1.0 -> '1', 1e-05 -> '1e-05')."""
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
 
 
 @dataclass(frozen=True)
@@ -59,17 +53,81 @@ class PolicySpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SpecGrammar:
+    """How a policy is written as ``NAME[:ARGS]`` in ``--policies``: ARGS are comma-separated items, a bare
+    number sets ``option`` (the policy's first option unless the table below says otherwise; required when
+    ``required``), a bare word of ``flags`` sets the options it maps to (in the number's slot), ``KEY=VALUE`` sets
+    option ``keys[KEY]``. ``label_format`` names a spec with its number, ``what``/``example`` phrase errors,
+    ``form`` shows the spec in help texts. The policy classes know nothing of this: it is the study's syntax."""
+
+    option: str | None = None
+    required: bool = False
+    flags: dict = field(default_factory=dict)
+    keys: dict = field(default_factory=dict)
+    label_format: str = ""
+    what: str = ""
+    example: str = "1"
+    form: str = ""
+    label_words: dict = field(default_factory=dict)  # a flag's text in the label (learned:mle -> "MLE init")
+
+
+# The policies whose spec reads better than the derived default (first option as the number, no keys).
+GRAMMAR: dict[str, dict[str, Any]] = {
+    "fixed": dict(required=True, label_format="fixed σ²={}", what="sigma2", example="0.1", form="fixed:S (S > 0)"),
+    "beta": dict(required=True, label_format="β-VAE β={}", what="value", example="4", form="beta:B (B > 0)"),
+    "learned": dict(what="initial value", form="learned[:S0|mle][,lr=X]", flags={"mle": {"init_mle": True}},
+                    keys={"lr": "log_sigma2_lr"}, label_words={"mle": "MLE init"}, label_format="init {}"),
+    "ar-ema": dict(label_format="AR-ELBO EMA m={}", form="ar-ema[:M] (0 <= M < 1)"),
+    "ar-annealed": dict(what="the annealing steps", label_format="AR-ELBO annealed over {} steps",
+                        form="ar-annealed[:N] (N >= 1 steps)"),
+}
+ALIASES = {"learned-fair": "learned:mle,lr=0.01"}  # the fair learned baseline: starts where AR-ELBO starts
+FAIR_LEARNED = ALIASES["learned-fair"]  # what "learned-fair" stands for
+# Policies whose label keeps the policy's name and lists the spec's items in brackets ("learned σ² (MLE init, lr 0.01)")
+BRACKETED_LABELS = ("learned",)
+
+
+def spec_grammar(name: str) -> SpecGrammar:
+    """The spec grammar of registered policy ``name``: the table's entry over the default derived from its options."""
+    from arelbo.objectives import POLICIES
+
+    options = list(POLICIES[name].options())
+    entry = dict(GRAMMAR.get(name, {}))
+    entry.setdefault("option", options[0] if options else None)
+    return SpecGrammar(**entry)
+
+
+def spec_label(name: str, first: str | None = None, keyed: dict[str, str] | None = None) -> str:
+    """The label of a parsed spec: ``first`` the text of its number or flag, ``keyed`` its KEY=VALUE items."""
+    from arelbo.objectives import POLICIES
+
+    g = spec_grammar(name)
+    base = POLICIES[name].label or name
+    if name in BRACKETED_LABELS:
+        parts = [] if first is None else [g.label_words.get(first) or g.label_format.format(first)]
+        parts += [f"{k} {v}" for k, v in (keyed or {}).items()]
+        return base + (" (" + ", ".join(parts) + ")" if parts else "")
+    label = base
+    if first is not None:
+        label = (g.label_format or f"{base} {g.option}={{}}").format(first)
+    if keyed:
+        label += " (" + ", ".join(f"{k} {v}" for k, v in keyed.items()) + ")"
+    return label
+
+
 def _spec_forms() -> list[str]:
-    """The valid spec forms, from the registered policies (their aliases, and samplers with a first stage)."""
+    """The valid spec forms, from the registered policies (the aliases, and samplers with a first stage)."""
     from arelbo.objectives import POLICIES
     from arelbo.samplers import SAMPLERS
 
     forms = []
-    for name, cls in POLICIES.items():
-        opt = cls.spec_option
-        form = cls.spec_form or (name if opt is None else f"{name}:{opt}" if cls.spec_required else f"{name}[:{opt}]")
+    for name in POLICIES:
+        g = spec_grammar(name)
+        opt = g.option
+        form = g.form or (name if opt is None else f"{name}:{opt}" if g.required else f"{name}[:{opt}]")
         forms.append(form)
-        forms.extend(cls.spec_aliases)
+        forms.extend(alias for alias, full in ALIASES.items() if full.partition(":")[0] == name)
         for sname, scls in SAMPLERS.items():
             if scls.first_stage_policy == name:
                 forms.append(sname + form[len(name):].split(" (")[0])
@@ -80,13 +138,10 @@ def _grammar() -> str:
     return ", ".join(_spec_forms())
 
 
-FAIR_LEARNED = Learned.spec_aliases["learned-fair"]  # what "learned-fair" stands for
-
-
 def parse_policy(text: str) -> PolicySpec:
     """Parse one policy spec (see the module docstring); errors name the spec and list the valid forms.
 
-    ``NAME`` or ``NAME:VALUE`` for any registered policy (VALUE sets its ``spec_option``), or ``SAMPLER[:VALUE]``
+    ``NAME`` or ``NAME:VALUE`` for any registered policy (VALUE sets the option its :class:`SpecGrammar` names), or ``SAMPLER[:VALUE]``
     for a sampler with a first stage of its own (``two-stage``: the ``learned[:VALUE]`` run, its own sampler).
     """
     from arelbo.objectives import POLICIES, make_policy
@@ -99,13 +154,11 @@ def parse_policy(text: str) -> PolicySpec:
     name, arg = name.strip(), arg.strip()
     if sep and not arg:
         raise StudyError(f"policy {text!r}: nothing after ':'; valid forms: {_grammar()}")
-    for cls in POLICIES.values():  # short names, e.g. learned-fair = learned:mle,lr=0.01
-        if name in cls.spec_aliases:
-            if sep:
-                raise StudyError(f"policy {text!r}: {name} takes no argument (it is {cls.spec_aliases[name]}); "
-                                 f"write the full form for other values")
-            name, sep, arg = cls.spec_aliases[name].partition(":")
-            break
+    if name in ALIASES:  # short names, e.g. learned-fair = learned:mle,lr=0.01
+        if sep:
+            raise StudyError(f"policy {text!r}: {name} takes no argument (it is {ALIASES[name]}); "
+                             f"write the full form for other values")
+        name, sep, arg = ALIASES[name].partition(":")
     sampler, sampler_cls = "prior", None
     if name not in POLICIES and getattr(SAMPLERS.get(name), "first_stage_policy", None):
         sampler, sampler_cls = name, SAMPLERS[name]
@@ -113,7 +166,7 @@ def parse_policy(text: str) -> PolicySpec:
     if name not in POLICIES:
         raise StudyError(f"unknown policy {text!r}; valid forms: {_grammar()}")
     cls = POLICIES[name]
-    options, first, keyed = _spec_args(text, sampler_cls.name if sampler_cls else name, cls, arg if sep else "")
+    options, first, keyed = _spec_args(text, sampler_cls.name if sampler_cls else name, name, arg if sep else "")
     try:
         make_policy(name, **options)
     except ValueError as err:
@@ -121,7 +174,7 @@ def parse_policy(text: str) -> PolicySpec:
     parts = ([] if first is None else [first]) + [f"{k}={v}" for k, v in keyed.items()]
     train_slug = name + "".join("-" + q.replace("=", "") for q in parts)
     suffix = (":" + ",".join(parts)) if parts else ""
-    label = cls.spec_label(first, keyed)
+    label = spec_label(name, first, keyed)
     objective = {"policy": name, "options": options} if options else {"policy": name}
     if sampler_cls is not None:
         base = cls.label or cls.name
@@ -130,7 +183,7 @@ def parse_policy(text: str) -> PolicySpec:
         return PolicySpec(sampler + suffix, sampler + train_slug[len(name):], label, name, objective, sampler,
                           train_slug, None, cls.sigma2_kind)
     # the spec's number is the constant sigma2 itself (fixed:S): the x axis of a sweep
-    given = options.get("sigma2") if cls.sigma2_kind == "given" and cls.spec_option == "sigma2" else None
+    given = options.get("sigma2") if cls.sigma2_kind == "given" and spec_grammar(name).option == "sigma2" else None
     return PolicySpec(name + suffix, train_slug, label, name, objective, "prior", train_slug, given, cls.sigma2_kind)
 
 
@@ -144,44 +197,47 @@ def _spec_value(text: str, raw: str, what: str, option) -> tuple[Any, str]:
         if not value.is_integer():
             raise StudyError(f"policy {text!r}: {what} must be a whole number, got {raw}")
         return int(value), str(int(value))
-    return value, _num(value)
+    return value, format_number(value)
 
 
-def _spec_args(text: str, shown: str, cls, arg: str) -> tuple[dict, str | None, dict[str, str]]:
+def _spec_args(text: str, shown: str, name: str, arg: str) -> tuple[dict, str | None, dict[str, str]]:
     """A spec's comma-separated arguments -> (policy options, text of its number or flag, {KEY: text})."""
-    valid = cls.options()
+    from arelbo.objectives import POLICIES
+
+    valid = POLICIES[name].options()
+    g = spec_grammar(name)
     options: dict[str, Any] = {}
     first: str | None = None
     keyed: dict[str, str] = {}
-    what = cls.spec_what or cls.spec_option or "value"
+    what = g.what or g.option or "value"
     for item in (a.strip() for a in arg.split(",")) if arg else ():
         if not item:
             raise StudyError(f"policy {text!r}: empty argument; valid forms: {_grammar()}")
         key, eq, raw = item.partition("=")
         if eq:
             key, raw = key.strip(), raw.strip()
-            if key not in cls.spec_keys:
-                known = ", ".join(f"{k}=" for k in cls.spec_keys) or "none"
+            if key not in g.keys:
+                known = ", ".join(f"{k}=" for k in g.keys) or "none"
                 raise StudyError(f"policy {text!r}: unknown argument {key!r}; {shown} takes {known}")
             if key in keyed:
                 raise StudyError(f"policy {text!r}: {key} given twice")
-            option = cls.spec_keys[key]
+            option = g.keys[key]
             options[option], keyed[key] = _spec_value(text, raw, f"the {key.replace('_', ' ')}", valid.get(option))
             continue
-        if cls.spec_option is None and not cls.spec_flags:
+        if g.option is None and not g.flags:
             raise StudyError(f"policy {text!r}: {shown} takes no argument; valid forms: {_grammar()}")
         if first is not None:
-            flags = " or ".join(cls.spec_flags)
+            flags = " or ".join(g.flags)
             raise StudyError(f"policy {text!r}: give one {what}{f' (a number or {flags})' if flags else ''}, got two")
-        if item in cls.spec_flags:
-            options.update(cls.spec_flags[item])
+        if item in g.flags:
+            options.update(g.flags[item])
             first = item
         else:
-            options[cls.spec_option], first = _spec_value(text, item, what, valid.get(cls.spec_option))
-    if first is None and cls.spec_required:
-        raise StudyError(f"policy {text!r}: {shown} needs its {what}, e.g. {shown}:{cls.spec_example}")
+            options[g.option], first = _spec_value(text, item, what, valid.get(g.option))
+    if first is None and g.required:
+        raise StudyError(f"policy {text!r}: {shown} needs its {what}, e.g. {shown}:{g.example}")
     # keyed items in the class's order: equal specs have one canonical text
-    keyed = {k: keyed[k] for k in cls.spec_keys if k in keyed}
+    keyed = {k: keyed[k] for k in g.keys if k in keyed}
     return options, first, keyed
 
 
@@ -243,4 +299,4 @@ def sweep_policies(sigma2: Iterable[float], reference: str | Iterable[str] = "ar
 
     grid = sorted(set(float(s) for s in sigma2), reverse=True)
     refs = parse_policies(reference) if reference else []
-    return parse_policies([f"{Fixed.name}:{_num(s)}" for s in grid] + [r.spec for r in refs])
+    return parse_policies([f"{Fixed.name}:{format_number(s)}" for s in grid] + [r.spec for r in refs])

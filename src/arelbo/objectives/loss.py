@@ -1,0 +1,170 @@
+"""The loss: negative ELBO of a Gaussian VAE with a pluggable decoder-variance policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from arelbo.objectives.base import (
+    DecoderVariance,
+    LossOutput,
+    NonFiniteError,
+    check_float,
+    gaussian_kl,
+    make_policy,
+    neg_elbo_per_sample,
+    upcast,
+)
+
+__all__ = ["GaussianVAELoss"]
+
+
+class GaussianVAELoss(nn.Module):
+    """Negative ELBO of a Gaussian VAE with a pluggable decoder-variance policy.
+
+    Args:
+        policy: a registered name (``"ar"`` default, ``"fixed"``, ``"beta"``, ``"learned"``, ``"ar-diagonal"``,
+            ``"ar-per-sample"``, ``"ar-ema"``, ``"ar-annealed"``) or a :class:`DecoderVariance` instance.
+        sigma2_floor: numerical floor on sigma2 (near-perfect reconstruction would send log sigma2 to -inf).
+        check_finite: what to do when the loss comes out NaN or inf (a NaN/inf anywhere in x, x_hat, mu or
+            logvar makes it so). ``"auto"`` (default): raise :class:`NonFiniteError`, naming the input at fault,
+            at once for CPU tensors (no sync needed); on an accelerator, where reading a device value stalls the
+            step, the check is deferred to the first host read of the output (``out.scalars()`` or
+            ``out.check_finite()``). ``True``: always check at once (one device sync per call on accelerators).
+            ``False``: never check (loops that already guard the loss).
+        process_group: the ranks whose statistics the ``ar*`` policies all-reduce (None: the default group).
+        all_reduce: False keeps sigma2 local to this process even under torch.distributed: needed when only some
+            ranks call the loss (rank-0 validation), which otherwise waits for the others for ever.
+        **policy_kwargs: the policy's own arguments, e.g. ``sigma2=0.1`` for ``"fixed"``.
+
+    Inputs must be floating point (uint8 pixels: divide by 255 first) with a batch of at least one sample.
+    """
+
+    def __init__(
+        self,
+        policy: str | DecoderVariance = "ar",
+        sigma2_floor: float = 1e-6,
+        check_finite: bool | str = "auto",
+        process_group=None,
+        all_reduce: bool = True,
+        **policy_kwargs,
+    ):
+        super().__init__()
+        if isinstance(policy, DecoderVariance):
+            if policy_kwargs:
+                raise ValueError("pass policy arguments to the policy's constructor, not with a policy instance")
+            self.policy = policy
+        else:
+            self.policy = make_policy(policy, floor=sigma2_floor, **policy_kwargs)
+        if not (isinstance(check_finite, bool) or check_finite == "auto"):
+            raise ValueError(f"check_finite must be 'auto', True or False, got {check_finite!r}")
+        self.check_finite = check_finite
+        self.process_group = process_group
+        self.all_reduce = all_reduce
+
+    @property
+    def process_group(self):
+        return self.policy.process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        self.policy.process_group = group
+
+    @property
+    def all_reduce(self) -> bool:
+        return self.policy.all_reduce
+
+    @all_reduce.setter
+    def all_reduce(self, enabled: bool) -> None:
+        self.policy.all_reduce = bool(enabled)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    def forward(self, x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
+        """x and x_hat of the same shape (B, ...), floating point; mu and logvar of shape (B, q).
+
+        ``rate``: a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than N(0, I) (e.g. the Monte-Carlo
+        estimate of :meth:`arelbo.models.VAE.rate`); None (default): the closed-form KL to N(0, I).
+        """
+        if x.shape != x_hat.shape:
+            raise ValueError(f"x and reconstruction differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"x must be batched (B, ...), got shape {tuple(x.shape)}")
+        check_float(x=x, x_hat=x_hat)
+        diff = upcast(x.flatten(1)) - upcast(x_hat.flatten(1))
+        out = self._compute(diff * diff, mu, logvar, rate)
+        given = {} if rate is None else {"rate": rate}
+        return self._checked(out, x=x, x_hat=x_hat, mu=mu, logvar=logvar, **given)
+
+    def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
+        """The loss from elementwise squared errors (B, D), e.g. an exact expectation E_q (x_d - f_d(z))^2;
+        ``rate`` as in :meth:`forward`."""
+        out = self._compute(sq_err, mu, logvar, rate)
+        given = {} if rate is None else {"rate": rate}
+        return self._checked(out, sq_err=sq_err, mu=mu, logvar=logvar, **given)
+
+    def _compute(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None) -> LossOutput:
+        if sq_err.dim() != 2:
+            raise ValueError(f"sq_err must have shape (B, D), got {tuple(sq_err.shape)}")
+        if sq_err.shape[0] == 0:
+            raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
+        if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
+            raise ValueError(
+                f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (B, q) with "
+                f"B = {sq_err.shape[0]} matching x"
+            )
+        check_float(sq_err=sq_err, mu=mu, logvar=logvar)
+        if rate is None:
+            kl = gaussian_kl(upcast(mu), upcast(logvar))
+            rate = kl.sum(1)
+            kl_per_dim = kl.mean(0)
+        else:
+            if rate.shape != (sq_err.shape[0],):
+                raise ValueError(f"rate must have shape (B,) = ({sq_err.shape[0]},), got {tuple(rate.shape)}")
+            check_float(rate=rate)
+            rate = upcast(rate)
+            kl_per_dim = torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
+        sigma2 = self.policy.sigma2(sq_err)
+        loss = self.policy.loss(sq_err, rate, sigma2)
+        with torch.no_grad():
+            neg_elbo = neg_elbo_per_sample(sq_err.detach(), sigma2.detach(), rate.detach()).mean()
+        num_elements = sq_err.shape[1]
+        return LossOutput(
+            loss=loss,
+            distortion=sq_err.sum(1),
+            rate=rate,
+            kl_per_dim=kl_per_dim,
+            sigma2=sigma2.detach().squeeze(-1) if sigma2.dim() == 2 else sigma2.detach(),
+            neg_elbo=neg_elbo,
+            bits_per_dim=neg_elbo / (num_elements * math.log(2.0)),
+            num_elements=num_elements,
+        )
+
+    def _checked(self, out: LossOutput, **inputs: Tensor) -> LossOutput:
+        """Check the loss scalar (NaN/inf in any input reaches it): one cheap test instead of one per input."""
+        mode = self.check_finite
+        if mode is False:
+            return out
+        finite = torch.isfinite(out.loss.detach())
+        if mode == "auto" and finite.device.type != "cpu":  # reading it now would stall the device: defer
+            return dataclasses.replace(out, pending_check=finite)
+        if not bool(finite):
+            for name, t in inputs.items():
+                if not bool(torch.isfinite(t).all()):
+                    what = "encoder output (mu or logvar)" if name in ("mu", "logvar") else name
+                    raise NonFiniteError(f"{what} contains NaN or inf ({name} {tuple(t.shape)}): the loss would be NaN")
+            raise NonFiniteError(
+                f"the {self.policy.name!r} loss is {out.loss.item()} with finite inputs: sigma2 or the squared "
+                "error overflowed (rescale the data to about [0, 1])"
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"policy={self.policy.name!r}"
+
+
