@@ -1,14 +1,18 @@
 """Study reports: a tiny image study (28x28 npz, FID with the MNIST feature net) end to end through the CLI, the
 self-contained HTML (parsed: balanced tags, every image a data: URI, nothing external, text escaped), CelebA
-through the same commands (generated JPEGs and the 32 real sample images, no FID), the linear picture, and a
-headless-Chromium screenshot (slow; skipped without chromium)."""
+through the same commands (generated JPEGs and the 32 real sample images, no FID), the linear picture, and the page
+in headless Chromium: its tables, decoded images and no JS errors (slow; skipped without chromium, failed under CI)."""
 
 import base64
 import copy
+import html
 import json
 import math
+import os
+import re
 import shlex
 import shutil
+import struct
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,7 +24,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("matplotlib")
 
 from arelbo.cli import main  # noqa: E402
-from arelbo.report import format_cell, render_html, table_rows  # noqa: E402
+from arelbo.report import format_cell, paired_tables, render_html, table_rows  # noqa: E402
 from conftest import shared_data  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -209,7 +213,8 @@ def _generated_celeba(root: Path, n: int = 12) -> Path:
 
 def test_sweep_figure_has_a_panel_only_for_metrics_the_study_computed(image_study, tmp_path):
     """A study run with --no-fid has no FID values: its sweep figure gets no empty FID panel."""
-    from arelbo.report import _panels_with_values, plot_sweep
+    from arelbo.report import plot_sweep
+    from arelbo.report.figures import _panels_with_values
 
     res = json.loads((image_study / "results.json").read_text())
     panels = [("FID", [("fid", "-", ""), ("fid_gmm", ":", "")]), ("active units", [("active_units", "-", "")])]
@@ -291,18 +296,141 @@ def test_linear_cli_plot(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- headless browser
 
+BROWSER_CHECK_ID = "arelbo-browser-check"
+# Injected first into a copy of the page: records uncaught errors, failed resources, unhandled rejections and
+# console.error from the start, and once the page has loaded writes what a reader sees (the tables' rendered text and
+# boxes, every image's state and decoded pixels) as JSON into <pre id=BROWSER_CHECK_ID>.
+BROWSER_CHECK_JS = """(function () {
+  var errors = [], map = function (xs, f) { return Array.prototype.map.call(xs, f); };
+  var str = function (x) { try { return String((x && x.stack) || x); } catch (e) { return "?"; } };
+  window.addEventListener("error", function (ev) {
+    var t = ev.target;
+    if (t && t !== window && t.tagName) {
+      errors.push("resource failed to load: <" + t.tagName.toLowerCase() + " " + String(t.src || t.href || "").slice(0, 60) + ">");
+    } else {
+      errors.push("uncaught error: " + (ev.message || str(ev.error)));
+    }
+  }, true);
+  window.addEventListener("unhandledrejection", function (ev) { errors.push("unhandled rejection: " + str(ev.reason)); });
+  var consoleError = console.error;
+  console.error = function () {
+    errors.push("console.error: " + map(arguments, str).join(" "));
+    return consoleError.apply(console, arguments);
+  };
+  var box = function (el) { var r = el.getBoundingClientRect(); return [r.width, r.height]; };
+  var cells = function (row) { return map(row.cells, function (c) { return c.innerText; }); };
+  // Each image drawn into a canvas of its natural size and read back: a synchronous, complete decode (the async
+  // img.decode() would settle after --dump-dom has already dumped the page). painted: the share of pixels with alpha.
+  var painted = function (img) {
+    if (!img.complete || !img.naturalWidth || !img.naturalHeight) { return 0; }
+    try {
+      var c = document.createElement("canvas"), g = c.getContext("2d");
+      c.width = img.naturalWidth; c.height = img.naturalHeight;
+      g.drawImage(img, 0, 0);
+      var px = g.getImageData(0, 0, c.width, c.height).data, n = 0;
+      for (var i = 3; i < px.length; i += 4) { if (px[i] > 0) { n += 1; } }
+      return n / (px.length / 4);
+    } catch (e) { errors.push("drawing <img alt=" + img.alt + "> failed: " + str(e)); return 0; }
+  };
+  window.addEventListener("load", function () {
+    var result = {
+      title: document.title, errors: errors,
+      h1: map(document.querySelectorAll("h1"), function (h) { return h.innerText; }),
+      tables: map(document.querySelectorAll("table"), function (t) {
+        var el = t.parentElement.classList.contains("tablewrap") ? t.parentElement : t;
+        while (el && el.tagName !== "H2") { el = el.previousElementSibling; }
+        return {cls: t.className, heading: el ? el.id : null, box: box(t),
+                header: t.tHead && t.tHead.rows.length ? cells(t.tHead.rows[0]) : [],
+                rows: t.tBodies.length ? map(t.tBodies[0].rows, cells) : []};
+      }),
+      images: map(document.images, function (img) {
+        return {alt: img.alt, complete: img.complete, naturalWidth: img.naturalWidth,
+                naturalHeight: img.naturalHeight, painted: painted(img), box: box(img)};
+      })
+    };
+    var pre = document.createElement("pre");
+    pre.id = "%s";
+    pre.textContent = JSON.stringify(result);
+    document.body.appendChild(pre);
+  });
+})();""" % BROWSER_CHECK_ID
+
+
+def find_chromium() -> str:
+    """chromium on PATH, or a skip saying why; under CI=true a missing chromium is a failure (.ci/run installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        message = "chromium is not installed (Debian package `chromium`; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + " (required under CI=true)")
+        pytest.skip(message)
+    return path
+
+
+def render_in_chromium(chromium: str, page_html: str, tmp: Path, screenshot: Path | None = None) -> dict:
+    """Load a copy of ``page_html``, the check script injected at the start of its <head> (after its charset), in
+    headless Chromium; return what the script saw once the page had loaded (BROWSER_CHECK_JS)."""
+    head = re.search(r'<head>\s*(<meta charset="utf-8">)?', page_html)
+    assert head, "no <head> to inject the check script into"
+    page = tmp / "page-checked.html"
+    page.write_text(page_html[:head.end()] + f"\n<script>{BROWSER_CHECK_JS}</script>\n" + page_html[head.end():],
+                    encoding="utf-8")
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp / 'profile'}",
+           "--virtual-time-budget=10000", "--window-size=1280,2400"]
+    if screenshot is not None:
+        cmd.append(f"--screenshot={screenshot}")
+    proc = subprocess.run([*cmd, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(rf'<pre id="{BROWSER_CHECK_ID}">(.*?)</pre>', proc.stdout, re.S)
+    assert found, ("the check never reported (page not loaded in the virtual-time budget?): "
+                   f"DOM tail {proc.stdout[-500:]!r}; stderr tail {proc.stderr[-1500:]}")
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _words(rows: list[list[str]]) -> list[list[str]]:
+    return [[" ".join(str(c).split()) for c in row] for row in rows]
+
+
+def assert_reader_sees(seen: dict, page_html: str, results: dict) -> None:
+    """The page as the browser rendered it: no errors, the results and paired-difference (claims) tables with the
+    study's rows, every other table filled, every <img> decoded at its PNG's size and laid out."""
+    assert seen["errors"] == [], seen["errors"]
+    title = ("Oversmoothing sweep" if results["kind"] == "sweep" else "Policy comparison") + f": {results['dataset']}"
+    assert seen["title"] == title and seen["h1"] == [title]
+    header, rows, _ = table_rows(results)
+    expected = {"results": (header, rows), **{key: (h, r) for key, _, h, r in paired_tables(results)}}
+    tables = [t for t in seen["tables"] if t["cls"] == "results"]
+    assert [t["heading"] for t in tables][:len(expected)] == list(expected)
+    for t in tables:
+        assert t["box"][0] > 0 and t["box"][1] > 0, f"table under #{t['heading']} is not laid out: {t['box']}"
+        assert t["rows"] and all(len(r) == len(t["header"]) for r in t["rows"]), t
+        if t["heading"] in expected:
+            h, r = expected[t["heading"]]
+            assert _words([t["header"]]) == _words([h]), t["heading"]
+            assert _words(t["rows"]) == _words(r), t["heading"]
+    grids = [t for t in seen["tables"] if t["cls"] == "grids"]
+    assert len(grids) == 1 and len(grids[0]["rows"]) == len(results["policies"]), grids
+    srcs = re.findall(r'<img src="([^"]*)"', page_html)
+    assert srcs and len(seen["images"]) == len(srcs)
+    for img, src in zip(seen["images"], srcs):
+        assert img["complete"] and img["naturalWidth"] > 0 and img["naturalHeight"] > 0, img
+        assert img["painted"] > 0.99, img  # decoded to the last row: the figures and grids are opaque PNGs
+        assert img["box"][0] > 0 and img["box"][1] > 0, img
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert (img["naturalWidth"], img["naturalHeight"]) == struct.unpack(">II", png[16:24]), img
+
 
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(image_study, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed")
+    """report.html in a real browser: what a reader sees (assert_reader_sees), and a screenshot that is not blank."""
+    chromium = find_chromium()
+    page_html = (image_study / "report.html").read_text(encoding="utf-8")
+    results = json.loads((image_study / "results.json").read_text())
+    assert paired_tables(results), "the study should have paired differences to show"
     shot = tmp_path / "report.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--window-size=1280,2400", f"--screenshot={shot}", (image_study / "report.html").resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = render_in_chromium(chromium, page_html, tmp_path, screenshot=shot)
+    assert_reader_sees(seen, page_html, results)
     from PIL import Image
 
     img = np.asarray(Image.open(shot).convert("L"))
