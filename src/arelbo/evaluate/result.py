@@ -14,7 +14,7 @@ from arelbo.evaluate.load import Loaded
 from arelbo.evaluate.posterior import Encoded
 from arelbo.evaluate.samples import Samples
 
-__all__ = ["metrics_dict", "format_table", "learnable_prior"]
+__all__ = ["metrics_dict", "format_table", "learnable_prior", "group_diagnostics"]
 
 
 def learnable_prior(name: str | None) -> bool:
@@ -23,6 +23,19 @@ def learnable_prior(name: str | None) -> bool:
 
     return name is not None and name in PRIORS and not PRIORS[name].closed_form_kl
 
+
+
+def group_diagnostics(enc: Encoded, au, kl_per_group: dict, smooth) -> list[dict]:
+    """Per latent group: its units, active units, KL (nats per example), mean smoothness, and whether it collapsed
+    (no active unit: every unit's Var_x(mu_j) at most the active-unit threshold)."""
+    out = []
+    for name, cols in enc.group_slices().items():
+        active = int(au.mask[cols].sum())
+        out.append({"name": name, "units": cols.stop - cols.start, "active_units": active,
+                    "kl": kl_per_group.get(name),
+                    "smoothness_mean": None if smooth is None else float(smooth[cols].mean()),
+                    "collapsed": active == 0})
+    return out
 
 
 def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Samples, c,
@@ -62,6 +75,8 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
         "smoothness_normalised_per_dim": smooth_norm.tolist() if smooth_norm is not None else None,
         "smoothness_normalised_mean": float(smooth_norm.mean()) if smooth_norm is not None else None,
     }
+    collapse["groups"] = group_diagnostics(enc, au, elbo_policy.rate_per_group or {}, smooth)
+    collapse["collapsed_groups"] = sum(g["collapsed"] for g in collapse["groups"])
     likelihood = {
         "policy": policy_name,
         "sigma2_ar": float(acc.ar_sigma2()),
@@ -138,7 +153,9 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
                      f"one-sample Monte-Carlo KL(q(z|x) || p(z)) under the learned {run.model.prior.name!r} prior "
                      "(q's entropy in closed form); no KL per dimension"),
             "active_threshold": threshold,
-            "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N",
+            "active_variance": "Var_x(mu_j) over the evaluation examples, divided by N; with several latent groups, "
+                               "each at its posterior mean given the groups above at theirs",
+            "collapsed_group": "a latent group with no active unit",
             "mi": {"num_examples": n_mi, "samples_per_example": 1,
                    "estimator": "E[log q(z|x) - log q(z)], q(z) = mixture of the N posteriors; <= log N"},
             "smoothness": {"num_examples": n_smooth, "how": "mean over examples of ||J_f(mu) e_j||_2, forward-mode jvp",
@@ -194,6 +211,9 @@ def format_table(result: dict[str, Any]) -> str:
               + (f", prior {result['run']['prior']}" if learnable_prior(result["run"].get("prior")) else ""))]
     section("collapse")
     rows += [("active units", f"{c['active_units']} / {c['latent_dim']}  (Var(mu_j) > {p['active_threshold']})"),
+             *([("groups (active/units, KL)", "  ".join(f"{g['name']}: {g['active_units']}/{g['units']}, "
+                                                       f"{_fmt(g['kl'], 3)}" for g in c["groups"])
+                 + f"  ({c['collapsed_groups']} collapsed)")] if len(c.get("groups") or []) > 1 else []),
              ("KL total (nats)", _fmt(c["kl_total"])),
              ("KL per dim", " ".join(_fmt(v, 3) for v in c["kl_per_dim"]) if c["kl_per_dim"] is not None
               else "- (not defined under a non-factorised prior)"),

@@ -136,7 +136,7 @@ def samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict) 
 
 
 def decode_codes(model, codes, batch_size: int):
-    """uint8 decoder means f(z) of codes (N, q), in batches on the model's device."""
+    """uint8 decoder means of every unit's code (N, units), in batches on the model's device."""
     import torch
 
     from arelbo.samplers import to_uint8
@@ -146,7 +146,7 @@ def decode_codes(model, codes, batch_size: int):
     with torch.inference_mode():
         for start in range(0, codes.shape[0], batch_size):
             z = codes[start : start + batch_size].to(device=ref.device, dtype=ref.dtype)
-            out.append(to_uint8(model.decode(z).float().cpu()))
+            out.append(to_uint8(model.units_decoder(z).float().cpu()))
     return torch.cat(out)
 
 

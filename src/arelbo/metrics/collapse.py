@@ -4,8 +4,9 @@ Every function takes plain tensors or ``(model, loader)`` and works in batches; 
 except :func:`decoder_smoothness`, which uses forward-mode autograd (Jacobian-vector products) and nothing else.
 
 Conventions. ``mu`` and ``logvar`` are (N, q) posterior means and log-variances of q(z|x) = N(mu, diag(exp(logvar)))
-over an evaluation set; ``model`` is an :class:`arelbo.models.VAE` (anything with ``encode(x) -> (mu, logvar)`` and
-``decode(z) -> x_hat``); a loader yields float batches (B, ...) or ``(x, labels)`` tuples.
+over an evaluation set; ``model`` is a model of :mod:`arelbo.models` (its forward returns the named
+:class:`~arelbo.models.ModelOutput`, its ``encode(x)`` the named posterior of the code samplers model); a loader
+yields float batches (B, ...) or ``(x, labels)`` tuples.
 
 What is measured (method.md section 4):
 
@@ -111,14 +112,15 @@ def _randn(shape, generator: torch.Generator | None, dtype, device) -> Tensor:
 def encode_dataset(
     model, loader: Iterable, max_examples: int | None = None, progress: bool | str = False
 ) -> tuple[Tensor, Tensor]:
-    """Posterior means and log-variances (N, q) of every example, float32 on the CPU, under inference mode."""
+    """Posterior means and log-variances (N, q) of every example, float32 on the CPU, under inference mode: of the
+    code ex-post samplers model (``model.encode``: a flat VAE's z, a hierarchy's top group)."""
     device = _model_device(model)
     mus, logvars = [], []
     with torch.inference_mode():
         for x in iterate_batches(loader, device, max_examples, progress):
-            mu, logvar = model.encode(x)
-            mus.append(mu.float().cpu())
-            logvars.append(logvar.float().cpu())
+            posterior = model.encode(x)
+            mus.append(posterior.mu.float().cpu())
+            logvars.append(posterior.logvar.float().cpu())
     if not mus:
         raise ValueError("the loader yielded no examples")
     return torch.cat(mus), torch.cat(logvars)
@@ -207,8 +209,8 @@ def active_units_from_loader(
     moments = RunningMoments()
     with torch.inference_mode():
         for x in iterate_batches(loader, device, max_examples, progress):
-            mu, _ = model.encode(x)
-            moments.update(mu)
+            output = model(x, sample=False)  # every group at its posterior mean given the groups above
+            moments.update(torch.cat([g.mu.flatten(1) for g in output.groups], 1))
     return _active(moments.variance(unbiased), threshold)
 
 
@@ -371,29 +373,29 @@ def batch_sq_err(
     x: Tensor,
     mode: str = "auto",
     generator: torch.Generator | None = None,
-    posterior: tuple[Tensor, Tensor] | None = None,
+    output=None,
 ) -> Tensor:
-    """Elementwise squared errors (B, D) of a batch and its posterior (no grad handling: call inside a context).
+    """Elementwise squared errors (B, D) of a batch (no grad handling: call inside a context).
 
     ``mode``: ``"sample"`` one reparameterised z ~ q(z|x) per example (what the ``ar`` rule sees in training; an
     unbiased estimate of E_q (x_d - f_d(z))^2); ``"exact"`` that expectation in closed form (LinearVAE's
     ``expected_sq_err``); ``"mean"`` z = mu (the reconstruction error of the posterior mean); ``"auto"``
-    exact when the model offers it, else sample. ``posterior``: (mu, logvar) of x when already computed.
+    exact when the model offers it, else sample. ``output``: the model's output for x of that mode, when already
+    computed.
     """
+    from arelbo.models.outputs import generator_noise
+
     if mode == "auto":
         mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
     if mode == "exact":
         if not hasattr(model, "expected_sq_err"):
             raise ValueError(f"sq_err mode 'exact' needs a model with expected_sq_err (LinearVAE), got {type(model).__name__}")
         return model.expected_sq_err(x).float()
-    mu, logvar = model.encode(x) if posterior is None else posterior
-    if mode == "sample":
-        z = mu + _randn(mu.shape, generator, mu.dtype, mu.device) * (0.5 * logvar).exp()
-    elif mode == "mean":
-        z = mu
-    else:
+    if mode not in ("sample", "mean"):
         raise ValueError(f"unknown sq_err mode {mode!r}; use auto, sample, exact or mean")
-    diff = x.flatten(1).float() - model.decode(z).flatten(1).float()
+    if output is None:
+        output = model(x, sample=mode == "sample", noise=generator_noise(generator))
+    diff = x.flatten(1).float() - output.x_hat.flatten(1).float()
     return diff * diff
 
 

@@ -35,7 +35,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from arelbo.metrics.collapse import _model_device, _randn, batch_sq_err, iterate_batches
+from arelbo.metrics.collapse import _model_device, batch_sq_err, iterate_batches
+from arelbo.models.outputs import generator_noise
 
 __all__ = [
     "ELBOAccumulator",
@@ -48,7 +49,6 @@ __all__ = [
     "linear_vae_exact_nll",
     "bits_per_dim",
     "resolve_sigma2",
-    "monte_carlo_rate",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -73,6 +73,7 @@ class ELBOResult:
     num_examples: int
     num_elements: int
     sq_err_mode: str  # how E_q (x - f(z))^2 was computed: "exact", "sample" or "mean"
+    rate_per_group: dict[str, float] | None = None  # each latent group's mean rate (nats), groups in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,61 +82,93 @@ class ELBOResult:
 class ELBOAccumulator:
     """One pass of sums from which :meth:`result` gives the mean -ELBO at any sigma2 (see the module docstring).
 
-    ``update(sq_err, mu, logvar)`` with elementwise squared errors (B, D) (an estimate of, or exactly,
-    E_q (x - f(z))^2) and the posterior parameters (B, q); the rate is the closed-form KL to N(0, I) unless
-    ``rate`` (B,) is given (a learnable prior's Monte-Carlo KL, :meth:`arelbo.models.VAE.rate`), in which case
-    no KL per dimension is reported. Sums are kept in float64 on the inputs' device (no host sync per batch);
-    :meth:`reduce` combines the sums of several processes.
+    ``update_output(sq_err, output)`` with elementwise squared errors (B, D) (an estimate of, or exactly,
+    E_q (x - f(z))^2) and the model's :class:`~arelbo.models.ModelOutput`: its rate, each group's rate, and the KL
+    of every unit when all groups have one in closed form (a learnable prior's Monte-Carlo rate has none; then no KL
+    per dimension is reported). ``update(sq_err, mu, logvar, rate=None)`` does the same for a flat posterior
+    (B, q): the closed-form KL to N(0, I) unless the (B,) ``rate`` is given. Sums are kept in float64 on the
+    inputs' device (no host sync per batch); :meth:`reduce` combines the sums of several processes.
     """
 
     def __init__(self, per_sample_floor: float = 1e-6):
         self.per_sample_floor = float(per_sample_floor)
         self.num_examples = 0
         self.sq_err_sum: Tensor | None = None  # (D,) S_d
-        self.kl_sum: Tensor | None = None  # (q,)
+        self.kl_sum: Tensor | None = None  # (q,) summed over examples, every unit of every group
         self._per_sample: Tensor | None = None  # (3,): sums over n of log sigma2_n, data term, sigma2_n
         self.rate_given: bool | None = None  # True: per-example rates were given (no closed-form KL per dimension)
         self._rate_sum: Tensor | None = None  # (1,) sum_n rate_n of the given rates (zero otherwise)
+        self._group_rate_sum: Tensor | None = None  # (groups,) sum_n of each group's rate
+        self.group_names: tuple[str, ...] = ("z",)
         self.sq_err_mode = "given"
 
     def update(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> None:
         if sq_err.dim() != 2 or mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
             raise ValueError(f"need sq_err (B, D) and mu, logvar (B, q); got {tuple(sq_err.shape)}, {tuple(mu.shape)}, {tuple(logvar.shape)}")
-        if self.rate_given is not None and self.rate_given != (rate is not None):
-            raise ValueError("give the rate for every batch or for none")
         sq = sq_err.detach().double()
         kl = 0.5 * (mu.double().pow(2) + logvar.double().exp() - logvar.double() - 1.0).to(sq.device)
-        if rate is None:
-            rate_sum = sq.new_zeros(1)
-        else:
+        if rate is not None:
             if rate.shape != (sq.shape[0],):
                 raise ValueError(f"rate must have shape (B,) = ({sq.shape[0]},), got {tuple(rate.shape)}")
-            rate_sum = rate.detach().double().sum().reshape(1).to(sq.device)
+            rate = rate.detach().double().to(sq.device)
+        self._add(sq, kl, rate, (kl.sum(1) if rate is None else rate)[:, None], ("z",))
+
+    def update_output(self, sq_err: Tensor, output) -> None:
+        """Add a batch from its squared errors (B, D) and the model's output (named groups and rates)."""
+        if sq_err.dim() != 2 or output.rate.shape != (sq_err.shape[0],):
+            raise ValueError(f"need sq_err (B, D) and the output of the same batch; got {tuple(sq_err.shape)} and a "
+                             f"rate of shape {tuple(output.rate.shape)}")
+        sq = sq_err.detach().double()
+        kls = [g.kl_float64() for g in output.groups]
+        group_rates = torch.stack([(kl.sum(1) if kl is not None else g.rate.detach().double()).to(sq.device)
+                                   for g, kl in zip(output.groups, kls)], 1)
+        if all(kl is not None for kl in kls):
+            kl, rate = torch.cat(kls, 1).to(sq.device), None
+        else:
+            kl = torch.zeros(sq.shape[0], sum(g.num_units for g in output.groups), dtype=torch.float64, device=sq.device)
+            rate = output.rate.detach().double().to(sq.device)
+        self._add(sq, kl, rate, group_rates, tuple(g.name for g in output.groups))
+
+    def _add(self, sq: Tensor, kl: Tensor, rate: Tensor | None, group_rates: Tensor, names: tuple[str, ...]) -> None:
+        if self.rate_given is not None and self.rate_given != (rate is not None):
+            raise ValueError("give the rate for every batch or for none")
+        if rate is not None:
             kl = torch.zeros_like(kl)  # no closed-form KL per dimension under a learnable prior
         self.rate_given = rate is not None
+        rate_sum = sq.new_zeros(1) if rate is None else rate.sum().reshape(1)
         per = sq.sum(1)
         s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)  # the per-sample MLE, floored
         per_sample = torch.stack([s2.log().sum(), (per / (2 * s2)).sum(), s2.sum()])
         if self.sq_err_sum is None:
             self.sq_err_sum, self.kl_sum, self._per_sample = sq.sum(0), kl.sum(0), per_sample
-            self._rate_sum = rate_sum
+            self._rate_sum, self._group_rate_sum, self.group_names = rate_sum, group_rates.sum(0), names
         else:
             self.sq_err_sum += sq.sum(0)
             self.kl_sum += kl.sum(0)
             self._per_sample += per_sample
             self._rate_sum += rate_sum
+            self._group_rate_sum += group_rates.sum(0)
         self.num_examples += sq.shape[0]
+
+    def start_empty(self, num_elements: int, num_units: int, group_names: tuple[str, ...], rate_given: bool,
+                    device=None) -> None:
+        """Zero sums of the right sizes for a process that saw no example (its share of :meth:`reduce`)."""
+        if self.sq_err_sum is not None:
+            return
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum = z(num_elements), z(num_units), z(3), z(1)
+        self._group_rate_sum, self.group_names, self.rate_given = z(len(group_names)), tuple(group_names), rate_given
 
     def reduce(self, all_reduce) -> None:
         """Replace the sums by their totals over processes: ``all_reduce(flat_float64_tensor) -> summed``."""
         self._check()
-        parts = [self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum,
+        parts = [self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum, self._group_rate_sum,
                  self.sq_err_sum.new_tensor([float(self.num_examples)])]
+        sizes = [p.numel() for p in parts]
         flat = all_reduce(torch.cat([p.reshape(-1) for p in parts]))
-        d, q = self.sq_err_sum.numel(), self.kl_sum.numel()
-        self.sq_err_sum, self.kl_sum = flat[:d].clone(), flat[d : d + q].clone()
-        self._per_sample, self._rate_sum = flat[d + q : d + q + 3].clone(), flat[d + q + 3 : d + q + 4].clone()
-        self.num_examples = int(round(float(flat[-1])))
+        pieces = [piece.clone() for piece in torch.split(flat, sizes)]
+        self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum, self._group_rate_sum = pieces[:5]
+        self.num_examples = int(round(float(pieces[5][0])))
 
     @property
     def per_sample_log_sigma2_sum(self) -> float:
@@ -202,6 +235,7 @@ class ELBOAccumulator:
             num_examples=n,
             num_elements=d,
             sq_err_mode=self.sq_err_mode,
+            rate_per_group={name: float(v) / n for name, v in zip(self.group_names, self._group_rate_sum.cpu().tolist())},
         )
 
 
@@ -253,31 +287,13 @@ def neg_elbo(
     mode = sq_err
     if mode == "auto":
         mode = "exact" if hasattr(model, "expected_sq_err") else "sample"
+    noise = generator_noise(generator)
     with torch.inference_mode():
         for x in iterate_batches(loader, device, max_examples, progress):
-            mu, logvar = model.encode(x)
-            acc.update(batch_sq_err(model, x, mode, generator, (mu, logvar)), mu, logvar,
-                       monte_carlo_rate(model, mu, logvar, generator))
+            output = model(x, sample=mode != "mean", noise=noise)
+            acc.update_output(batch_sq_err(model, x, mode, output=None if mode == "exact" else output), output)
     acc.sq_err_mode = mode
     return acc.result(sigma2)
-
-
-def monte_carlo_rate(model, mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
-    """(B,) one-sample KL(q(z|x) || p(z)) under the model's learnable prior at a fresh z ~ q(z|x); None for the
-    standard prior (or a model without one), whose KL is taken in closed form."""
-    prior = getattr(model, "prior", None)
-    if prior is None or prior.closed_form_kl:
-        return None
-    z = mu + _randn(mu.shape, generator, mu.dtype, mu.device) * (0.5 * logvar).exp()
-    return model.rate(mu, logvar, z)
-
-
-def _log_prior(model, z: Tensor) -> Tensor:
-    """log p(z) under the model's prior, float64, for z (..., q); N(0, I) exactly as before for the standard prior."""
-    prior = getattr(model, "prior", None)
-    if prior is None or prior.closed_form_kl:
-        return -0.5 * (z.double().pow(2).sum(-1) + z.shape[-1] * LOG_2PI)
-    return model.log_prior(z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1]).double()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,29 +332,23 @@ def importance_sampled_nll(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     with torch.inference_mode():
-        mu, logvar = model.encode(x)
-        b, q = mu.shape
+        b = x.shape[0]
         x_flat = x.flatten(1).double()
         d = x_flat.shape[1]
         s = _sigma2_rows(sigma2, b, d, x.device)
         log_det = (torch.log(s).sum() if s.dim() == 1 else d * torch.log(s).reshape(-1))  # () or (B,)
         const = -0.5 * (d * LOG_2PI + log_det)
-        std = (0.5 * logvar).exp()
         if k_chunk is None:
             k_chunk = max(1, min(k, max_elements // max(1, b * d)))
         running = None
         done = 0
         while done < k:
             kc = min(k_chunk, k - done)
-            eps = _randn((kc, b, q), generator, mu.dtype, mu.device)
-            z = mu + std * eps  # (kc, B, q)
-            x_hat = model.decode(z.reshape(kc * b, q)).reshape(kc, b, d).double()
-            resid2 = (x_flat - x_hat).pow(2)
+            x_hat, log_prior_ratio = model.log_weights(x, kc, generator)  # (kc, B, ...), log p(z) - log q(z|x)
+            resid2 = (x_flat - x_hat.reshape(kc, b, d).double()).pow(2)
             data = (resid2 / s).sum(2) if s.dim() == 1 else resid2.sum(2) / s.reshape(-1)
             log_px = const - 0.5 * data  # (kc, B)
-            log_pz = _log_prior(model, z)
-            log_qz = -0.5 * (eps.double().pow(2).sum(2) + logvar.double().sum(1) + q * LOG_2PI)
-            chunk = torch.logsumexp(log_px + log_pz - log_qz, dim=0)
+            chunk = torch.logsumexp(log_px + log_prior_ratio, dim=0)
             running = chunk if running is None else torch.logaddexp(running, chunk)
             done += kc
         return -(running - math.log(k))

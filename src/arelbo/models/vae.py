@@ -1,24 +1,21 @@
-"""The VAE module: a Gaussian encoder, a decoder, reparameterised sampling, and a registry of architectures."""
+"""The flat VAE: a Gaussian encoder, a decoder, one latent vector under a prior, and a registry of architectures.
+
+Its forward returns the named :class:`~arelbo.models.outputs.ModelOutput` (one latent group, ``z``), the contract
+every model of the package keeps (see :mod:`arelbo.models.outputs`)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from arelbo.models.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from arelbo.models.outputs import LOG_2PI, LatentGroup, ModelOutput, Noise, Posterior, gaussian_kl, upcast
 from arelbo.models.priors import Prior, StandardPrior, make_prior
 
-
-@dataclass(frozen=True)
-class VAEOutput:
-    x_hat: Tensor  # decoder mean f(z), same shape as x
-    mu: Tensor  # (B, q) posterior mean
-    logvar: Tensor  # (B, q) posterior log-variance
-    z: Tensor  # (B, q) the latent the decoder saw
+VAEOutput = ModelOutput  # the flat VAE's output is the common one (one latent group)
 
 
 class VAE(nn.Module):
@@ -37,23 +34,74 @@ class VAE(nn.Module):
         if self.prior.latent_dim != self.latent_dim:
             raise ValueError(f"prior has latent_dim {self.prior.latent_dim}, the model {self.latent_dim}")
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def latent_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each latent group's unit shape, by name, in the order of the output's groups."""
+        return {"z": (self.latent_dim,)}
+
+    @property
+    def closed_form_rate(self) -> bool:
+        """Whether the rate is a closed-form KL (else a learnable prior's Monte-Carlo estimate)."""
+        return self.prior.closed_form_kl
+
+    @property
+    def units_decoder(self) -> nn.Module:
+        """The decoder mean as a function of every latent unit (B, units), row-wise: what smoothness differentiates."""
+        return self.decoder
+
+    @property
+    def code_dim(self) -> int:
+        """The dimension of the code ex-post samplers model and :meth:`decode` takes (here: the latent vector)."""
+        return self.latent_dim
+
+    def encode(self, x: Tensor) -> Posterior:
+        """q(z|x) as a named (mu, logvar) pair, each (B, q)."""
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"model expects inputs of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
-        return self.encoder(x)
+        mu, logvar = self.encoder(x)
+        return Posterior(mu, logvar)
 
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
 
-    @staticmethod
-    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
-        return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+    def decode_code(self, code: Tensor, noise: Noise | None = None) -> Tensor:
+        """The decoder mean from a sampler's code (B, code_dim); ``noise`` draws any latent group below the code
+        (the flat VAE has none: its code is all of z)."""
+        return self.decoder(code)
 
-    def forward(self, x: Tensor, sample: bool = True) -> VAEOutput:
-        """One reparameterised pass; ``sample=False`` decodes the posterior mean (for reconstructions)."""
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor, noise: Noise | None = None) -> Tensor:
+        eps = torch.randn_like(mu) if noise is None else noise(mu)
+        return mu + eps * (0.5 * logvar).exp()
+
+    def forward(self, x: Tensor, sample: bool = True, noise: Noise | None = None) -> ModelOutput:
+        """One pass: z ~ q(z|x) reparameterised with ``noise`` (default ``torch.randn_like``), or ``sample=False``
+        z = mu (reconstructions); the rate is the closed-form KL (per unit) for N(0, I), else the prior's
+        one-sample Monte-Carlo estimate at z."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar) if sample else mu
-        return VAEOutput(self.decode(z), mu, logvar, z)
+        z = self.reparameterize(mu, logvar, noise) if sample else mu
+        if self.prior.closed_form_kl:
+            kl = gaussian_kl(upcast(mu), upcast(logvar))
+            rate = kl.sum(1)
+        else:
+            kl, rate = None, self.prior.rate(mu, logvar, z, self.encoder)
+        return ModelOutput(self.decode(z), rate, (LatentGroup("z", mu, logvar, z, rate, kl),))
+
+    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """For importance sampling: k draws z_k ~ q(z|x); returns the decoder means (k, B, *x's shape) and
+        log p(z_k) - log q(z_k|x) in float64, (k, B)."""
+        mu, logvar = self.encode(x)
+        b, q = mu.shape
+        gen_device = generator.device if generator is not None else mu.device
+        eps = torch.randn((k, b, q), generator=generator, dtype=mu.dtype, device=gen_device).to(mu.device)
+        z = mu + (0.5 * logvar).exp() * eps  # (k, B, q)
+        x_hat = self.decode(z.reshape(k * b, q)).reshape(k, *x.shape)
+        if self.prior.closed_form_kl:
+            log_pz = -0.5 * (z.double().pow(2).sum(-1) + q * LOG_2PI)
+        else:
+            log_pz = self.log_prior(z.reshape(-1, q)).reshape(k, b).double()
+        log_qz = -0.5 * (eps.double().pow(2).sum(2) + logvar.double().sum(1) + q * LOG_2PI)
+        return x_hat, log_pz - log_qz
 
     def rate(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor | None:
         """(B,) Monte-Carlo KL(q(z|x) || p(z)) at z ~ q(z|x), or None when the prior's KL is in closed form."""

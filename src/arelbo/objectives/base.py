@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from arelbo.models.outputs import gaussian_kl, upcast  # noqa: F401 (part of this module's API)
 from arelbo.registry import build, register
 
 __all__ = [
@@ -82,11 +83,6 @@ class LossOutput:
         return dict(zip(names, values))
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Elementwise KL(N(mu, exp(logvar)) || N(0, 1)), shape (B, q)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
-
-
 def neg_elbo_per_sample(sq_err: Tensor, sigma2: Tensor, rate: Tensor) -> Tensor:
     """Exact -ELBO per sample in nats for elementwise squared errors (B, D) and a broadcastable sigma2."""
     num_elements = sq_err.shape[1]
@@ -117,11 +113,6 @@ def check_float(**tensors: Tensor) -> None:
                 f"{name} has dtype {t.dtype}: the loss needs floating-point tensors (convert uint8 pixels to "
                 "[0, 1] first, e.g. x.float() / 255 or arelbo.data.to_float)"
             )
-
-
-def upcast(t: Tensor) -> Tensor:
-    """At least float32 (half/bfloat16 inputs are computed in float32); float64 stays float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def reduces(group=None, enabled: bool = True) -> bool:

@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from arelbo.models.outputs import ModelOutput
 from arelbo.objectives.base import (
     DecoderVariance,
     LossOutput,
@@ -85,50 +86,91 @@ class GaussianVAELoss(nn.Module):
     def policy_name(self) -> str:
         return self.policy.name
 
-    def forward(self, x: Tensor, x_hat: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
-        """x and x_hat of the same shape (B, ...), floating point; mu and logvar of shape (B, q).
+    def forward(self, x: Tensor, x_hat: Tensor | ModelOutput, mu: Tensor | None = None, logvar: Tensor | None = None,
+                rate: Tensor | None = None) -> LossOutput:
+        """The loss of a batch x (B, ...), floating point.
 
-        ``rate``: a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than N(0, I) (e.g. the Monte-Carlo
-        estimate of :meth:`arelbo.models.VAE.rate`); None (default): the closed-form KL to N(0, I).
+        ``loss_fn(x, model(x))``: ``x_hat`` is a model's :class:`~arelbo.models.ModelOutput`; its decoder mean,
+        rate (summed over its latent groups; closed form or Monte-Carlo) and KL per unit are used by name.
+
+        ``loss_fn(x, x_hat, mu, logvar)``: any encoder/decoder pair: ``x_hat`` the decoder mean (x's shape),
+        ``mu`` and ``logvar`` (B, q); ``rate`` a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than
+        N(0, I) (e.g. a Monte-Carlo estimate); None (default): the closed-form KL to N(0, I).
         """
-        if x.shape != x_hat.shape:
-            raise ValueError(f"x and reconstruction differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}")
-        if x.dim() < 2:
-            raise ValueError(f"x must be batched (B, ...), got shape {tuple(x.shape)}")
-        check_float(x=x, x_hat=x_hat)
+        if isinstance(x_hat, ModelOutput):
+            if mu is not None or logvar is not None or rate is not None:
+                raise ValueError("with a model's output, pass no mu, logvar or rate: the output carries them")
+            return self._from_output(x, x_hat)
+        if mu is None or logvar is None:
+            raise ValueError("give the posterior's mu and logvar with a decoder mean, or pass the model's output: "
+                             "loss_fn(x, model(x))")
+        self._check_pair(x, x_hat)
         diff = upcast(x.flatten(1)) - upcast(x_hat.flatten(1))
-        out = self._compute(diff * diff, mu, logvar, rate)
+        out = self._compute(diff * diff, *self._rate(diff.shape[0], mu, logvar, rate))
         given = {} if rate is None else {"rate": rate}
         return self._checked(out, x=x, x_hat=x_hat, mu=mu, logvar=logvar, **given)
 
     def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
         """The loss from elementwise squared errors (B, D), e.g. an exact expectation E_q (x_d - f_d(z))^2;
         ``rate`` as in :meth:`forward`."""
-        out = self._compute(sq_err, mu, logvar, rate)
+        self._check_sq_err(sq_err)
+        out = self._compute(sq_err, *self._rate(sq_err.shape[0], mu, logvar, rate))
         given = {} if rate is None else {"rate": rate}
         return self._checked(out, sq_err=sq_err, mu=mu, logvar=logvar, **given)
 
-    def _compute(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None) -> LossOutput:
+    def _from_output(self, x: Tensor, output: ModelOutput) -> LossOutput:
+        self._check_pair(x, output.x_hat)
+        diff = upcast(x.flatten(1)) - upcast(output.x_hat.flatten(1))
+        rate = output.rate
+        if rate.shape != (diff.shape[0],):
+            raise ValueError(f"the model's rate must have shape (B,) = ({diff.shape[0]},), got {tuple(rate.shape)}")
+        check_float(rate=rate)
+        kl = output.kl_per_unit()
+        if kl is None:  # a Monte-Carlo rate somewhere: no KL per unit
+            units = sum(g.num_units for g in output.groups)
+            kl_per_dim = torch.full((units,), float("nan"), dtype=upcast(rate).dtype, device=rate.device)
+        else:
+            kl_per_dim = kl.mean(0)
+        out = self._compute(diff * diff, upcast(rate), kl_per_dim)
+        return self._checked(out, x=x, x_hat=output.x_hat, rate=rate,
+                             **{f"{g.name}.mu": g.mu for g in output.groups},
+                             **{f"{g.name}.logvar": g.logvar for g in output.groups})
+
+    @staticmethod
+    def _check_pair(x: Tensor, x_hat: Tensor) -> None:
+        if x.shape != x_hat.shape:
+            raise ValueError(f"x and reconstruction differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}")
+        if x.dim() < 2:
+            raise ValueError(f"x must be batched (B, ...), got shape {tuple(x.shape)}")
+        check_float(x=x, x_hat=x_hat)
+
+    @staticmethod
+    def _check_sq_err(sq_err: Tensor) -> None:
         if sq_err.dim() != 2:
             raise ValueError(f"sq_err must have shape (B, D), got {tuple(sq_err.shape)}")
-        if sq_err.shape[0] == 0:
-            raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
-        if mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != sq_err.shape[0]:
+
+    @staticmethod
+    def _rate(batch: int, mu: Tensor, logvar: Tensor, rate: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(rate (B,), KL per dimension (q,)) from a flat posterior: closed form, or the given rate (no split)."""
+        if batch > 0 and (mu.shape != logvar.shape or mu.dim() != 2 or mu.shape[0] != batch):
             raise ValueError(
-                f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (B, q) with "
-                f"B = {sq_err.shape[0]} matching x"
+                f"mu {tuple(mu.shape)} and logvar {tuple(logvar.shape)} must both be (B, q) with B = {batch} matching x"
             )
-        check_float(sq_err=sq_err, mu=mu, logvar=logvar)
+        check_float(mu=mu, logvar=logvar)
         if rate is None:
             kl = gaussian_kl(upcast(mu), upcast(logvar))
-            rate = kl.sum(1)
-            kl_per_dim = kl.mean(0)
-        else:
-            if rate.shape != (sq_err.shape[0],):
-                raise ValueError(f"rate must have shape (B,) = ({sq_err.shape[0]},), got {tuple(rate.shape)}")
-            check_float(rate=rate)
-            rate = upcast(rate)
-            kl_per_dim = torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
+            return kl.sum(1), kl.mean(0)
+        if rate.shape != (batch,):
+            raise ValueError(f"rate must have shape (B,) = ({batch},), got {tuple(rate.shape)}")
+        check_float(rate=rate)
+        rate = upcast(rate)
+        return rate, torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
+
+    def _compute(self, sq_err: Tensor, rate: Tensor, kl_per_dim: Tensor) -> LossOutput:
+        self._check_sq_err(sq_err)
+        if sq_err.shape[0] == 0:
+            raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
+        check_float(sq_err=sq_err)
         sigma2 = self.policy.sigma2(sq_err)
         loss = self.policy.loss(sq_err, rate, sigma2)
         with torch.no_grad():
@@ -156,7 +198,8 @@ class GaussianVAELoss(nn.Module):
         if not bool(finite):
             for name, t in inputs.items():
                 if not bool(torch.isfinite(t).all()):
-                    what = "encoder output (mu or logvar)" if name in ("mu", "logvar") else name
+                    what = ("encoder output (mu or logvar)" if name.split(".")[-1] in ("mu", "logvar")
+                            else name)
                     raise NonFiniteError(f"{what} contains NaN or inf ({name} {tuple(t.shape)}): the loss would be NaN")
             raise NonFiniteError(
                 f"the {self.policy.name!r} loss is {out.loss.item()} with finite inputs: sigma2 or the squared "

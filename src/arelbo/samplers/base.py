@@ -37,7 +37,7 @@ class LatentSampler:
             val_loader: Iterable | None = None) -> "LatentSampler":
         """Fit on the training data ``loader``; ``val_loader`` (held-out data, optional) is where samplers that
         choose something (a component count, when to stop) judge it (``self.val_loader`` in ``_fit``)."""
-        self.latent_dim = int(model.latent_dim)
+        self.latent_dim = int(model.code_dim)
         self.val_loader = val_loader
         try:
             self._fit(model, loader, max_examples, progress)

@@ -61,7 +61,8 @@ def decode_samples(
 ) -> Tensor:
     """n decoder means f(z) with z from the sampler, in batches under inference mode, on the CPU.
 
-    The generator draws the latent codes in one call, so the images depend only on its seed, not on batch_size.
+    The generator draws the latent codes in one call (and, for a hierarchical model, the seed of the groups below
+    the code, drawn per example), so the images depend only on its seed, not on batch_size.
     ``as_uint8`` quantises to 8-bit levels as each batch is produced (saves memory for large image sets).
     """
     z = sampler.sample(n, generator)
@@ -70,6 +71,12 @@ def decode_samples(
         device, dtype = ref.device, ref.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
+    below = None  # the latent groups below the sampler's code (hierarchical models), drawn per example
+    if len(getattr(model, "latent_shapes", ())) > 1:
+        from arelbo.models.outputs import SplitNoise
+
+        seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device if generator else "cpu"))
+        below = SplitNoise(torch.Generator().manual_seed(seed), n, device)
     out = []
     bar = None
     if progress:
@@ -78,7 +85,8 @@ def decode_samples(
         bar = tqdm(total=n, desc=progress if isinstance(progress, str) else "decoding", unit="ex", leave=False)
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            x = model.decode(z[start : start + batch_size].to(device=device, dtype=dtype)).float().cpu()
+            code = z[start : start + batch_size].to(device=device, dtype=dtype)
+            x = model.decode_code(code, None if below is None else below.rows(start)).float().cpu()
             out.append(to_uint8(x) if as_uint8 else x)
             if bar is not None:
                 bar.update(x.shape[0])

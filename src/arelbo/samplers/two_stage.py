@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from arelbo.models.outputs import generator_noise
 from arelbo.samplers.base import LatentSampler, register_sampler, standard_normal
 
 __all__ = ["TwoStageSampler"]
@@ -134,8 +135,7 @@ class TwoStageSampler(LatentSampler):
                     u = mu[idx]
                     if self.codes == "sample":
                         u = u + std[idx] * torch.randn(u.shape, generator=gen)
-                    out = self.vae(u)
-                    loss = self.loss_fn(u, out.x_hat, out.mu, out.logvar)
+                    loss = self.loss_fn(u, self.vae(u))
                     opt.zero_grad(set_to_none=True)
                     loss.loss.backward()
                     opt.step()
@@ -174,9 +174,8 @@ class TwoStageSampler(LatentSampler):
                 u = mu[start : start + 4096]
                 if std is not None:
                     u = u + std[start : start + 4096] * torch.randn(u.shape, generator=gen)
-                m, lv = self.vae.encode(u)
-                z = m + (0.5 * lv).exp() * torch.randn(m.shape, generator=gen)
-                acc.update((u - self.vae.decode(z)).pow(2), m, lv)
+                out = self.vae(u, noise=generator_noise(gen))
+                acc.update_output((u - out.x_hat).pow(2), out)
         value = self.loss_fn.policy.density_sigma2(acc).value
         return value.float().reshape(-1) if value.dim() else value.float()
 
@@ -228,8 +227,7 @@ class _EarlyStopping:
         vae.eval()
         loss_fn.eval()
         with torch.inference_mode():
-            m, lv = vae.encode(self.codes)
-            out = loss_fn(self.codes, vae.decode(m + (0.5 * lv).exp() * self.eps), m, lv)
+            out = loss_fn(self.codes, vae(self.codes, noise=lambda like: self.eps))
             value = float(out.neg_elbo)
         vae.train()
         loss_fn.train()

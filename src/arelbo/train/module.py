@@ -19,6 +19,7 @@ from arelbo.config import ConfigError, RunConfig
 from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 from arelbo.models import build_model
 from arelbo.models.batchnorm import convert_batchnorm
+from arelbo.models.outputs import SplitNoise, generator_noise
 from arelbo.train.data import EpochSampler, ShardSampler, load_splits, seed_for
 from arelbo.train.errors import NonFiniteLossError
 
@@ -44,7 +45,7 @@ class VAEModule(pl.LightningModule):
         self._resume_skip = 0  # batches of the interrupted epoch already trained on (a mid-epoch checkpoint)
         self._val_acc = None  # arelbo.metrics.ELBOAccumulator during validation
         self._val_mu: Tensor | None = None
-        self._val_eps: Tensor | None = None
+        self._val_noise: SplitNoise | None = None
         self._val_offset = 0
         self._resident: dict[str, Tensor] = {}  # split -> its uint8 samples on the accelerator
         self._bad_step: Tensor | None = None  # device: global step of the first non-finite loss since the last check
@@ -182,11 +183,11 @@ class VAEModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _noise(self, mu: Tensor) -> Tensor:
+    def _noise(self, like: Tensor) -> Tensor:
         """This process's slice of the global batch's noise (so N processes draw what 1 process would)."""
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        b = mu.shape[0]
-        eps = torch.randn(b * world, mu.shape[1], device=mu.device, dtype=mu.dtype)
+        b = like.shape[0]
+        eps = torch.randn(b * world, *like.shape[1:], device=like.device, dtype=like.dtype)
         return eps[rank * b : (rank + 1) * b]
 
     def _all_reduce(self, t: Tensor, op=None) -> Tensor:
@@ -197,10 +198,7 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = self._inputs(batch, "train")
-        mu, logvar = self.model.encode(x)
-        z = mu + self._noise(mu) * (0.5 * logvar).exp()
-        x_hat = self.model.decode(z)
-        out = self.loss_fn(x, x_hat, mu, logvar, rate=self.model.rate(mu, logvar, z))  # rate None: closed form
+        out = self.loss_fn(x, self.model(x, noise=self._noise))
         step, world = self.global_step, self.trainer.world_size
         self._record_finite(out.loss, batch_idx)  # no host sync: read at the next check
         if step % self.cfg.train.log_every_n_steps == 0:
@@ -289,12 +287,11 @@ class VAEModule(pl.LightningModule):
         training = self.model.training
         self.model.eval()
         try:
-            mu, logvar = self.model.encode(x)
-            std = (0.5 * logvar).exp()
-            x_hat = self.model.decode(mu + torch.randn(mu.shape, generator=g).to(mu) * std)
+            output = self.model(x, noise=generator_noise(g))
         finally:
             self.model.train(training)
-        return all(bool(torch.isfinite(t).all()) for t in (mu, logvar, std, x_hat))
+        values = [output.x_hat, *(t for grp in output.groups for t in (grp.mu, grp.logvar, (0.5 * grp.logvar).exp()))]
+        return all(bool(torch.isfinite(t).all()) for t in values)
 
     def _write(self, split: str, record: dict[str, Any]) -> None:
         """One record into metrics.jsonl and TensorBoard (process 0 only)."""
@@ -362,34 +359,32 @@ class VAEModule(pl.LightningModule):
         self.check_finite()  # never validate (or then checkpoint) a state a non-finite step produced
         from arelbo.metrics.likelihood import ELBOAccumulator
 
-        q = self.model.latent_dim
         self._val_acc = ELBOAccumulator(per_sample_floor=self.loss_fn.policy.floor)
-        self._val_mu = torch.zeros(2, q, dtype=torch.float64, device=self.device)  # sums of mu and mu^2
+        units = sum(math.prod(s) for s in self.model.latent_shapes.values())
+        self._val_mu = torch.zeros(2, units, dtype=torch.float64, device=self.device)  # sums of mu and mu^2
         # Noise for the whole validation set from a (seed, epoch) generator, indexed by sample: the result does
         # not depend on the number of processes, and validation never touches the global RNG (exact resume).
         g = torch.Generator().manual_seed(seed_for(self.cfg.train.seed, self.current_epoch, 2))
-        self._val_eps = torch.randn(len(self.splits.val), q, generator=g).to(self.device)
+        self._val_noise = SplitNoise(g, len(self.splits.val), self.device)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         x = self._inputs(batch, "val")
-        mu, logvar = self.model.encode(x)
         start = self._val_offset + batch_idx * self.cfg.data.eval_batch_size
-        eps = self._val_eps[start : start + x.shape[0]].to(mu.dtype)
-        z = mu + eps * (0.5 * logvar).exp()
-        x_hat = self.model.decode(z)
-        diff = x.flatten(1).double() - x_hat.flatten(1).double()
-        # rate None: the prior's KL is in closed form (per dimension); else its one-sample Monte-Carlo estimate
-        self._val_acc.update(diff * diff, mu, logvar, self.model.rate(mu, logvar, z))
-        self._val_mu += torch.stack([mu.double().sum(0), mu.double().pow(2).sum(0)])
+        output = self.model(x, noise=self._val_noise.rows(start))
+        diff = x.flatten(1).double() - output.x_hat.flatten(1).double()
+        # each group's rate: closed-form KL per unit, or a learnable prior's one-sample Monte-Carlo estimate
+        self._val_acc.update_output(diff * diff, output)
+        if len(output.groups) > 1:  # active units: every group at its posterior mean given the groups above
+            output = self.model(x, sample=False)
+        mu = torch.cat([g.mu.double().flatten(1) for g in output.groups], 1)
+        self._val_mu += torch.stack([mu.sum(0), mu.pow(2).sum(0)])
 
     def on_validation_epoch_end(self) -> None:
         acc = self._val_acc
-        d, q = self.num_elements, self.model.latent_dim
-        if acc.num_examples == 0:  # this process had no validation batch: contribute zeros to the sums
-            dev = self.device
-            acc.update(torch.zeros(0, d, dtype=torch.float64, device=dev), torch.zeros(0, q, device=dev),
-                       torch.zeros(0, q, device=dev),
-                       None if self.model.prior.closed_form_kl else torch.zeros(0, dtype=torch.float64, device=dev))
+        d, shapes = self.num_elements, self.model.latent_shapes
+        # a process with no validation batch contributes zeros to the sums
+        acc.start_empty(d, sum(math.prod(s) for s in shapes.values()), tuple(shapes), not self.model.closed_form_rate,
+                        self.device)
         acc.reduce(self._all_reduce)
         mu_sums = self._all_reduce(self._val_mu)
         n = acc.num_examples
@@ -412,6 +407,7 @@ class VAEModule(pl.LightningModule):
             "active_units": int((var_mu > ACTIVE_UNIT_THRESHOLD).sum().item()),
             # KL per dimension exists only for a factorised prior with closed-form KL (README: Priors)
             "kl_per_dim": None if res.kl_per_dim is None else [float(v) for v in res.kl_per_dim],
+            "kl_per_group": res.rate_per_group,
             "var_mu": [float(v) for v in var_mu.tolist()],
             "n": int(n),
         }
