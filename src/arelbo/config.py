@@ -171,8 +171,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     _section = "model"
 
-    arch: str = "conv"  # "conv" | "mlp" | "linear" (arelbo.models.ARCHITECTURES)
-    latent_dim: int = 16
+    arch: str = "conv"  # "conv" | "mlp" | "linear" | "hvae" (arelbo.models.ARCHITECTURES)
+    latent_dim: int = 16  # the latent vector (hvae: the top group, the code ex-post samplers model)
     hidden: list[int] = field(default_factory=lambda: [32, 64, 128])  # conv channel widths or MLP layer widths
     kernel_size: int = 4
     stride: int = 2
@@ -182,6 +182,9 @@ class ModelConfig(_Section):
     bias: bool = False  # linear VAE only: affine encoder/decoder
     prior: str = "standard"  # p(z): standard | mog | vamp | flow (arelbo.models.priors.PRIORS)
     prior_options: dict = field(default_factory=dict)  # the prior's options, e.g. {components: 10} for mog/vamp
+    layout: str = "7:8,14:4"  # hvae only: the groups below the top one, RES:CHANNELS top to bottom (arelbo.models.hvae)
+    width: int = 32  # hvae only: channels of the residual stream
+    blocks: int = 1  # hvae only: residual blocks per group and per encoder resolution
 
     def validate(self) -> None:
         from arelbo.models import ARCHITECTURES
@@ -193,6 +196,7 @@ class ModelConfig(_Section):
         if unknown:
             raise ConfigError(f"model.prior_options {unknown} not options of prior {self.prior!r}; valid: "
                               f"{', '.join(prior_options(self.prior)) or 'none'}")
+        _check_prior_option_types(PRIORS[self.prior], self.prior_options)
         if self.arch not in ARCHITECTURES:
             raise ConfigError(f"model.arch {self.arch!r} unknown; known: {', '.join(ARCHITECTURES)}")
         if self.latent_dim < 1:
@@ -201,6 +205,39 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
         if self.kernel_size < 1 or self.stride < 1:
             raise ConfigError("model.kernel_size and model.stride must be >= 1")
+        if self.arch == "hvae":
+            from arelbo.models.hvae import parse_layout
+
+            try:
+                parse_layout(self.layout, self.latent_dim)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            if self.width < 4 or self.blocks < 1:
+                raise ConfigError(f"model.width must be >= 4 and model.blocks >= 1, got {self.width}, {self.blocks}")
+
+
+def _check_prior_option_types(cls: type, options: dict) -> None:
+    """Each prior option of the type its constructor's default has (read as :mod:`arelbo.registry` reads policy and
+    sampler options), so a wrong type is a one-line error naming the option, not one from deep inside the build:
+    ``model.prior_options.components must be an integer (default 10), got 'many'``."""
+    import inspect
+
+    from arelbo.registry import _describe, _expected_type, _is_a
+
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in options.items():
+        param = params.get(key)
+        if param is None:
+            continue
+        expected = _expected_type(param.default)
+        if expected is not None and value is not None and not _is_a(value, expected):
+            raise ConfigError(f"model.prior_options.{key} must be {_describe(expected)} (default "
+                              f"{_default_text(param.default)}), got {value!r}")
+
+
+def _default_text(default) -> str:
+    """A default as a config would spell it: lists, not tuples (``hidden`` (128, 128) -> [128, 128])."""
+    return repr(list(default)) if isinstance(default, tuple) else repr(default)
 
 
 # Keys of the objective section before policy options moved to ``objective.options`` (saved runs are upgraded).
@@ -406,7 +443,13 @@ class RunConfig:
     @classmethod
     def load(cls, path) -> "RunConfig":
         """A saved run's config (``config.yaml``); saved configs of older versions are upgraded."""
-        return cls.from_saved(read_yaml(path), source=str(path))
+        data = read_yaml(path)
+        try:
+            return cls.from_saved(data, source=str(path))
+        except ConfigError as err:  # name the file to fix, beside the key (once)
+            if str(path) in str(err):
+                raise
+            raise ConfigError(f"{path}: {err}") from None
 
     @classmethod
     def from_saved(cls, d: dict, source: str = "config") -> "RunConfig":

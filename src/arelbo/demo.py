@@ -115,6 +115,55 @@ def summary_markdown(rows, command: str, wall_s: float) -> str:
     return "\n".join(lines)
 
 
+# Written into the demo's folder before it trains: what lets --overwrite replace that folder's demo files, and only
+# in a folder the demo wrote (a samples.png or summary.md of the user's own is never replaced).
+DEMO_MARKER = ".arelbo-demo.json"
+SUMMARY_TITLE = "# arelbo demo:"
+
+
+def check_demo_dir(out: Path) -> None:
+    """``--out`` must be a folder, or a path where one can be made: said before anything is loaded or trained."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder: choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            break
+
+
+def written_by_demo(out: Path) -> bool:
+    """Whether ``out`` is a folder the demo wrote: its marker, or (demos written before the marker) its summary.md
+    opening with the demo's title."""
+    import json
+
+    out = Path(out)
+    try:
+        marker = json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))
+        if isinstance(marker, dict) and str(marker.get("written_by", "")).startswith("arelbo demo"):
+            return True
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(out / "summary.md", encoding="utf-8") as f:
+            return f.readline().startswith(SUMMARY_TITLE)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _write_marker(out: Path, command: str) -> None:
+    import json
+    from datetime import datetime
+
+    from arelbo import __version__
+    from arelbo.fileio import atomic_write_text
+
+    marker = {"written_by": f"arelbo demo ({__version__})", "command": command,
+              "started": datetime.now().isoformat(timespec="seconds")}
+    atomic_write_text(out / DEMO_MARKER, json.dumps(marker, indent=2) + "\n")
+
+
 def run_demo(out="runs/demo", epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER_EPOCH, batch_size=DEMO_BATCH,
              seed=0, data_root=None, overrides=(), overwrite=False, progress=True, command="arelbo demo", splits=None,
              lr=DEMO_LR):
@@ -129,14 +178,21 @@ def run_demo(out="runs/demo", epochs=DEMO_EPOCHS, steps_per_epoch=DEMO_STEPS_PER
 
     t_start = time.perf_counter()
     out = Path(out)
+    check_demo_dir(out)
     configs = demo_configs(epochs, steps_per_epoch, batch_size, seed, data_root, overrides, lr)
     owned = [out / folder for folder, _, _ in configs] + [out / "samples.png", out / "summary.md"]
-    if any(p.exists() for p in owned):
+    present = [p for p in owned if p.exists() or p.is_symlink()]
+    if present:
+        if not written_by_demo(out):
+            names = ", ".join(p.name for p in present)
+            raise FileExistsError(f"{out} holds {names}, which arelbo demo did not write there (no {DEMO_MARKER}): "
+                                  f"not replaced{' even with --overwrite' if overwrite else ''}; choose another --out")
         if not overwrite:
             raise FileExistsError(f"{out} already holds a demo; pass --overwrite to replace it or choose another --out")
-        for p in owned:
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in present:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, command)
     if splits is None:
         splits = load_dataset("mnist", data_root)
     rows = []

@@ -86,6 +86,8 @@ class EvalConfig(_Section):
             if value is not None and value < low:
                 raise ConfigError(f"eval.{name} must be >= {low}, got {value}")
         self._positive("threshold", allow_zero=True)
+        if not 0 <= self.seed < 2**32:  # every stream is seeded from it; scikit-learn takes seeds in [0, 2**32)
+            raise ConfigError(f"eval.seed must be in [0, {2**32 - 1}], got {self.seed}")
         for name, opts in self.sampler_options.items():
             if not isinstance(opts, dict):
                 raise ConfigError(f"eval.sampler_options.{name} must be a mapping of options, got {opts!r}")

@@ -24,6 +24,9 @@ from arelbo.fileio import atomic_write_bytes
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
+# Written by arelbo beside a run's config.yaml (the sha256 of the text it wrote): what tells a run that stopped
+# before its first checkpoint, which ``arelbo train --out`` may start again, from a folder of the user's own files.
+RUN_OWNER_FILE = ".arelbo-run.json"
 
 
 class RunInUseError(ValueError):
@@ -58,13 +61,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def check_run_directory(run_dir: str | os.PathLike) -> Path:
+    """``run_dir`` as a Path, or an error that says what it is instead: missing, or a file."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        if run_dir.exists():
+            raise NotADirectoryError(f"{run_dir} is a file, not a run directory: give the folder that holds "
+                                     f"config.yaml and {CHECKPOINT_DIR}/")
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    return run_dir
+
+
 def checkpoint_path(run_dir: str | os.PathLike, which: str = "best") -> Path:
     """``which``: "best", "last", or a file name (``step-500.pt``), always looked up in the run's
     ``checkpoints/`` only, never in the working directory; a path with a folder part (``./x.pt``,
     ``/data/x.pt``) is taken as that explicit path."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    check_run_directory(run_dir)
     which = str(which)
     if not which:
         raise ValueError("empty checkpoint name: use best, last, or a file in checkpoints/")
@@ -253,7 +266,7 @@ def read_config(run_dir: str | os.PathLike):
     """The resolved :class:`arelbo.config.RunConfig` a run directory was trained with (its ``config.yaml``)."""
     from arelbo.config import RunConfig
 
-    path = Path(run_dir) / "config.yaml"
+    path = check_run_directory(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     return RunConfig.load(path)

@@ -95,6 +95,23 @@ def expected_message(err: BaseException) -> str | None:
     return " ".join(lines[:1]) if lines else type(err).__name__
 
 
+def check_output_file(path, flag: str, example: str = "out.png") -> None:
+    """Refuse, before any work, an output file path a command could not write at the end: a folder, a path under
+    a file, or one whose nearest existing folder is not writable (missing folders are made when writing)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{flag} {path} is a folder: give a file name, e.g. {path / example}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CommandError(f"{flag} {path}: the folder {parent} is not writable; choose another path")
+            break
+
+
 def handle_error(command: str, err: BaseException, debug: bool = False) -> int:
     """The one place the CLI turns an exception into output and an exit code.
 

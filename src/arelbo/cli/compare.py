@@ -245,13 +245,21 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         from arelbo.report import write_report
         from arelbo.fileio import atomic_write_text
+        from arelbo.study import StudyError
+        from arelbo.study.runner import check_study_dirs, is_study_dir
 
+        check_study_dirs(plan)  # never over the user's own report.md / results.json
         for r in plan.runs:  # a run trained with another config than this command describes is an error
             run_state(r, plan.eval)
         study_file = plan.out / "study.json"
-        if study_file.is_file():  # the report names the command that ran the study, not this one
+        if is_study_dir(plan.out):  # the report names the command that ran the study, not this one
             plan.command = json.loads(study_file.read_text(encoding="utf-8")).get("command") or plan.command
         results = collect_results(plan)
+        if not any(p["n_done"] for p in results["policies"]):
+            where = "its study" if is_study_dir(plan.out) else f"{plan.out} (no study there: no study.json)"
+            raise StudyError(f"--report-only: nothing to report: none of the {len(plan.runs)} run(s) this command plans "
+                             f"in {plan.runs_dir} has been trained and evaluated for {where}; run the study first (the "
+                             f"same command without --report-only); nothing was written")
         atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")
         md, html = write_report(results, plan.out)
         print(f"wrote {plan.out / 'results.json'}, {md}, {html}")

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="MNIST IDX files (default: the bundled offline copy)")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="extra config overrides applied to both runs (e.g. train.devices=2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out (only one the demo wrote: its own files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

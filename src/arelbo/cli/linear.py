@@ -85,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--fa-factors must be in [1, D - 1] = [1, {dim - 1}], got {args.fa_factors}")
     if args.steps < 0 or args.mc_steps < 0:
         raise ValueError("--steps and --mc-steps must be >= 0")
+    if args.plot:
+        from arelbo.cli import check_output_file
+
+        check_output_file(args.plot, "--plot", "linear.png")  # now, not after the fits
 
     start = time.perf_counter()
     torch.set_num_threads(1)  # an 8-dimensional problem: intra-op threads only add overhead

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+DEFAULT_N = 32  # images shown by default (fewer when the split is smaller)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `arelbo train`")
-    parser.add_argument("--n", type=int, default=32, help="number of images (default: 32, the first of the split)")
+    parser.add_argument("--n", type=int, default=None, help="number of images, the first of the split (default: 32, "
+                        "or all of a smaller split; more than the split holds is refused)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default: test)")
     parser.add_argument("--nrow", type=int, default=8, help="images per row (default: 8)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a file in checkpoints/")
@@ -21,8 +24,30 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         check_png_path(args.out)
-    grid = reconstruction_grid(args.run_dir, args.n, args.split, args.nrow, args.checkpoint)
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.nrow < 1:
+        raise ValueError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
+    splits, n = _splits_with(args.run_dir, args.checkpoint, args.split, args.n)
+    grid = reconstruction_grid(args.run_dir, n, args.split, args.nrow, args.checkpoint, splits=splits)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"reconstructions-{args.split}.png"
     save_png(grid, out)
     print(f"wrote {out}")
     return 0
+
+
+def _splits_with(run_dir, checkpoint: str, split: str, n: int | None):
+    """The run's data (as its checkpoint's config names them) and the number of images to show: ``n`` when
+    ``split`` holds that many (more is refused, not quietly cut to the split's size), else by default
+    DEFAULT_N or the whole of a smaller split."""
+    from arelbo.data import load_dataset
+    from arelbo.runs import checkpoint_path, load_checkpoint
+
+    d = load_checkpoint(checkpoint_path(run_dir, checkpoint))["config"]["data"]
+    splits = load_dataset(d["name"], d["root"], **d["options"])
+    size = len(splits.split(split))
+    if n is None:
+        return splits, min(DEFAULT_N, size)
+    if n > size:
+        raise ValueError(f"--n {n}: the {split} split has {size} images; ask for at most --n {size}")
+    return splits, n

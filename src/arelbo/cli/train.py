@@ -14,8 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="override one setting, e.g. --set train.epochs=5 --set objective.policy=fixed "
                         "(repeatable; the value is read as YAML)")
-    parser.add_argument("--out", metavar="DIR", help="the run directory: new or empty, or a run that stopped "
-                        "before its first checkpoint (default: <out_dir>/<name>, i.e. runs/<preset>-<policy>-<time>)")
+    parser.add_argument("--out", metavar="DIR", help="the run directory: new or empty, or a run arelbo started "
+                        "there that stopped before its first checkpoint (started again; a folder of other files, a "
+                        "config.yaml of your own included, is refused) (default: <out_dir>/<name>, i.e. "
+                        "runs/<preset>-<policy>-<time>)")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its checkpoints/last.pt "
                         "(only train.* may be changed with --set, e.g. train.epochs or train.lr; seed, optimizer "
                         "and precision may not)")

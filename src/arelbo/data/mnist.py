@@ -181,8 +181,23 @@ def _md5(path: Path) -> str:
 
 
 def download_idx(name: str, dest: Path, timeout: float = 10.0) -> dict[str, Path]:
-    """Fetch the four .gz files into `dest`, trying each mirror, keeping only files whose md5 matches."""
+    """Fetch the four .gz files into `dest`, trying each mirror, keeping only files whose md5 matches. When
+    nothing could be fetched, the folders this call made are removed again: a mistyped root leaves nothing."""
+    dest = Path(dest)
+    made = [d for d in (dest, *dest.parents) if not d.exists()]  # deepest first
     dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return _download_into(name, dest, timeout)
+    except BaseException:
+        for d in made:
+            try:
+                d.rmdir()  # only while empty: a file fetched before the failure stays, with its folders
+            except OSError:
+                break
+        raise
+
+
+def _download_into(name: str, dest: Path, timeout: float) -> dict[str, Path]:
     errors = []
     for fname, md5 in MD5[name].items():
         target = dest / fname

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from pathlib import Path
 
 __all__ = ["METRICS_FILE", "METRICS_FORMAT", "SAMPLER_DIR", "FINAL_CHECKPOINTS", "generator", "clean", "metrics_file",
-           "sampler_file", "resolve_device", "checkpoint_stem", "spread", "dequantized"]
+           "sampler_file", "resolve_device", "checkpoint_stem", "spread", "dequantized", "check_writable"]
 
 METRICS_FILE = "metrics.json"
 METRICS_FORMAT = 1
@@ -58,6 +59,19 @@ def sampler_file(run_dir, name: str, which: str = "best") -> Path:
     stem = checkpoint_stem(which)
     base = Path(run_dir) / SAMPLER_DIR
     return (base if stem is None else base / stem) / f"{name}.pt"
+
+
+def check_writable(run_dir, which: str = "best") -> None:
+    """Before any work: an evaluation that writes puts its metrics file into ``run_dir`` and fitted samplers into
+    ``run_dir/samplers/`` (:func:`metrics_file`, :func:`sampler_file`); a folder of those it cannot write into is
+    an error now, not after the work (read-only runs are evaluated with ``--no-write``)."""
+    run_dir = Path(run_dir)
+    folders = [run_dir, run_dir / SAMPLER_DIR, sampler_file(run_dir, "any", which).parent]
+    for folder in dict.fromkeys(folders):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{folder} is not writable, and the evaluation writes {metrics_file(run_dir, which).name} "
+                             f"into {run_dir} and its fitted samplers into {run_dir / SAMPLER_DIR}: make it writable, "
+                             f"or evaluate without writing (arelbo eval --no-write; evaluate_run(..., write=False))")
 
 
 def resolve_device(device: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from arelbo.evaluate.collapse import collapse
-from arelbo.evaluate.common import clean, metrics_file
+from arelbo.evaluate.common import check_writable, clean, metrics_file
 from arelbo.evaluate.likelihood import likelihood
 from arelbo.evaluate.load import load
 from arelbo.evaluate.posterior import encode
@@ -54,8 +54,13 @@ def _evaluate(run_dir, c, *, write: bool, progress: bool) -> dict[str, Any]:
     first draw's value: the sampling spread). ``fid_reconstruction``: also the FID of the evaluation images'
     reconstructions f(mu(x)), the floor no sampler of this decoder is expected to beat.
     """
+    from arelbo.runs import check_run_directory
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    check_run_directory(run_dir)  # missing, or a file: said before anything is loaded
+    if write:
+        check_writable(run_dir, c.which)
     run = load(Path(run_dir), c)
     timings["load"] = time.perf_counter() - t_start
     t0 = time.perf_counter()

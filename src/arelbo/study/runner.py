@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -170,7 +169,8 @@ def run_state(run: PlannedRun, opts: EvalOptions) -> tuple[str, str]:
     try:
         existing = RunConfig.load(cfg_file).to_dict()
     except (ConfigError, OSError) as err:
-        raise StudyError(f"{cfg_file} cannot be read ({err}); move {d} away or choose another --out") from None
+        why = str(err) if str(cfg_file) in str(err) else f"{cfg_file} cannot be read ({err})"
+        raise StudyError(f"{why}; move {d} away or choose another --out") from None
     diff = _diff(_comparable(existing), _comparable(run.config.to_dict()))
     if diff:
         raise StudyError(f"{d} holds a run with a different config than this study plans ({'; '.join(diff[:5])}"
@@ -207,13 +207,55 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+STUDY_FILE = "study.json"
+
+
+def is_study_dir(out: str | os.PathLike) -> bool:
+    """Whether ``out`` holds a study: the ``study.json`` a study writes first (:func:`write_plan`)."""
+    path = Path(out) / STUDY_FILE
+    try:
+        d = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("kind") in ("compare", "sweep") and isinstance(d.get("runs"), list)
+
+
+def _check_folder_path(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise StudyError(f"{flag} {path} is a file, not a folder: choose another {flag}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise StudyError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+            break
+
+
+def check_study_dirs(plan: StudyPlan) -> None:
+    """Before anything is trained or written: ``--out`` is new, empty, or a study's folder (its study.json), never
+    a folder of the user's own files (a study writes results.json, report.md, report.html and figures/ there);
+    ``--out`` and ``--runs-dir`` are folders (or can be made)."""
+    _check_folder_path(plan.out, "--out")
+    _check_folder_path(plan.runs_dir, "--runs-dir")
+    if not plan.out.is_dir() or is_study_dir(plan.out):
+        return
+    others = sorted(p.name for p in plan.out.iterdir())
+    if plan.runs_dir.resolve().parent == plan.out.resolve():
+        # a study stopped before its study.json holds at most its runs folder (nothing of the user's)
+        others = [n for n in others if not (n == plan.runs_dir.name and not any(plan.runs_dir.iterdir()))]
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise StudyError(f"--out {plan.out} is not a study folder (no {STUDY_FILE}) and holds other files ({shown}): "
+                         f"a study writes results.json, report.md and report.html there, so it does not use it; "
+                         f"choose a new or empty folder for --out")
+
+
 def write_plan(plan: StudyPlan, status: str, extra: dict | None = None) -> Path:
     from arelbo.fileio import atomic_write_text
 
     plan.out.mkdir(parents=True, exist_ok=True)
     d = plan.to_dict()
     d.update({"status": status, "updated": _now(), **(extra or {})})
-    path = plan.out / "study.json"
+    path = plan.out / STUDY_FILE
     atomic_write_text(path, json.dumps(d, indent=2) + "\n")
     return path
 
@@ -234,9 +276,7 @@ def _run_in_process(run: PlannedRun, state: str, opts: EvalOptions, progress: bo
         t0 = time.perf_counter()
         if state == "resume":
             resume(run.run_dir, splits=splits, progress=progress, callbacks=callbacks)
-        else:
-            if state == "restart":
-                shutil.rmtree(run.run_dir)
+        else:  # "restart": fit starts the run again only if its config.yaml is the one arelbo wrote there
             cfg = RunConfig.from_dict(run.config.to_dict())
             fit(cfg, run.run_dir, splits=splits, progress=progress, callbacks=callbacks)
         timings["train_seconds"] = time.perf_counter() - t0
@@ -282,9 +322,7 @@ def _run_subprocess(run: PlannedRun, state: str, opts: EvalOptions, plan: StudyP
         t0 = time.perf_counter()
         if state == "resume":
             call([*cli, "train", "--resume", str(run.run_dir), "--quiet"], "training")
-        else:
-            if state == "restart":
-                shutil.rmtree(run.run_dir)
+        else:  # "restart" too: `arelbo train --out` starts again only a run arelbo wrote there
             cfg_path = plan.out / PLAN_DIR / f"{run.name}.yaml"
             atomic_write_text(cfg_path, run.config.to_yaml())
             call([*cli, "train", "--config", str(cfg_path), "--out", str(run.run_dir), "--quiet"], "training")
@@ -324,8 +362,9 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
     if jobs < 1:
         raise StudyError(f"--jobs must be >= 1, got {jobs}")
     t_start = time.perf_counter()
-    plan.out.mkdir(parents=True, exist_ok=True)
+    check_study_dirs(plan)
     states = {r.name: run_state(r, plan.eval) for r in plan.runs}  # raises before anything is written
+    plan.out.mkdir(parents=True, exist_ok=True)
     if retry_failed:
         for r in plan.runs:
             if states[r.name][0] == "failed":
@@ -410,6 +449,17 @@ def run_study(plan: StudyPlan, *, jobs: int = 1, progress: bool = True, retry_fa
         write_plan(plan, "interrupted", {"interrupted": _now()})
         raise StudyInterrupted(f"study interrupted ({err}); run the same command again to continue where it stopped") from None
     results = collect_results(plan, wall_seconds=time.perf_counter() - t_start)
+    failed_before = {c["run"]: c.get("error") or "failed" for p in results["policies"] for c in p["cells"]
+                     if c["status"] == "failed" and c["run"] not in failures}
+    if (failures or failed_before) and not any(p["n_done"] for p in results["policies"]):
+        # nothing to report: say why (the first failure) instead of writing an empty results.json and report
+        write_plan(plan, "failed runs", {"finished": _now(), "failures": {**failed_before, **failures}})
+        name, msg = next(iter(failures.items())) if failures else next(iter(failed_before.items()))
+        n = len(failures) + len(failed_before)
+        more = f"; {n - 1} more failed (see {plan.out / STUDY_FILE})" if n > 1 else ""
+        retry = "" if failures else " (failed in an earlier invocation; --retry-failed tries again)"
+        raise StudyError(f"every run of the study failed, so nothing was reported (no results.json or report): "
+                         f"{name}: {msg}{retry}{more}")
     from arelbo.fileio import atomic_write_text
 
     atomic_write_text(plan.out / "results.json", json.dumps(results, indent=2) + "\n")

@@ -18,7 +18,7 @@ from arelbo.train.checkpoints import RunCheckpoint, RunCheckpointIO, SnapshotChe
 from arelbo.train.data import EpochSampler, load_splits
 from arelbo.train.errors import NonFiniteLossError, TrainingInterrupted
 from arelbo.train.module import VAEModule
-from arelbo.train.rundir import check_run_dir, clear_early_files, new_run_dir, truncate_metrics
+from arelbo.train.rundir import check_run_dir, clear_early_files, new_run_dir, save_run_config, truncate_metrics
 
 __all__ = ["fit", "resume", "prepare", "check_environment", "build_trainer", "benchmark_steps", "RUN_DIR_ENV"]
 
@@ -239,7 +239,7 @@ def fit(cfg: RunConfig, run_dir=None, *, splits=None, progress: bool = True, cal
     with runs.run_lock(run_dir):
         check_run_dir(run_dir)  # again, now that no other process can start here
         clear_early_files(run_dir)
-        cfg.save(run_dir / "config.yaml")
+        save_run_config(run_dir, cfg)
         return _run(cfg, run_dir, splits, None, progress, callbacks)
 
 
@@ -260,6 +260,47 @@ NOT_RESUMABLE = {
     "optimizer": "the restored optimiser state belongs to the saved optimiser",
     "precision": "the restored state (and loss scaling) was trained at the saved precision",
 }
+
+
+# Settings of config.yaml that may differ from the checkpoint's on resume: where the data are now and how they are
+# read (same data, same order), and train.* (applied to the restored state) but for NOT_RESUMABLE.
+EDITABLE_ON_RESUME = ("data.root", "data.eval_batch_size", "data.options.mmap", "out_dir", "name")
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in [*a, *(k for k in b if k not in a)]:
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [(prefix[:-1], a, b)]
+
+
+def check_saved_config(saved: RunConfig, ckpt: dict, config_file: Path, ckpt_path: Path) -> None:
+    """Refuse a ``config.yaml`` edited to disagree with the checkpoint it resumes (say model.latent_dim), naming
+    the key and the file, before anything is built or written: the checkpoint's weights and state were made with
+    its own config. Only :data:`EDITABLE_ON_RESUME` and train.* (but :data:`NOT_RESUMABLE`) may differ."""
+    raw = ckpt.get("config")
+    try:
+        theirs = RunConfig.from_saved(raw, source=str(ckpt_path)).to_dict()
+    except (ConfigError, TypeError):  # a checkpoint config this version cannot read: compare as stored
+        theirs = dict(raw) if isinstance(raw, dict) else {}
+    mine = saved.to_dict()
+    their_train = theirs.pop("train", None)
+    their_train = their_train if isinstance(their_train, dict) else {}
+    diffs = [(f"train.{k}", getattr(saved.train, k), their_train[k]) for k in NOT_RESUMABLE
+             if k in their_train and their_train[k] != getattr(saved.train, k)]
+    mine.pop("train", None)
+    diffs += [d for d in _differences(mine, theirs) if d[0] not in EDITABLE_ON_RESUME]
+    if diffs:
+        key, here, there = diffs[0]
+        more = f" (and {len(diffs) - 1} more: {', '.join(d[0] for d in diffs[1:4])}{', ...' if len(diffs) > 4 else ''})" \
+            if len(diffs) > 1 else ""
+        raise ConfigError(
+            f"{config_file} disagrees with the checkpoint it resumes ({ckpt_path}): {key} is {here!r} there but "
+            f"{there!r} in the checkpoint{more}; set it back to {there!r} in {config_file} (nothing was written; "
+            f"train a new run for another value)"
+        )
 
 
 def check_resume(saved: RunConfig, cfg: RunConfig, ckpt: dict, ckpt_path: Path) -> None:
@@ -292,7 +333,7 @@ class _StartResumed(pl.Callback):
     def on_train_start(self, trainer, module) -> None:
         if trainer.is_global_zero:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
-            self.cfg.save(self.run_dir / "config.yaml")
+            save_run_config(self.run_dir, self.cfg)
 
 
 def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: bool = True,
@@ -305,6 +346,8 @@ def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: boo
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise NotADirectoryError(f"cannot resume: {run_dir} is a file, not a run directory")
         raise FileNotFoundError(f"cannot resume: run directory {run_dir} does not exist")
     saved = runs.read_config(run_dir)
     for text in overrides:
@@ -317,6 +360,7 @@ def resume(run_dir, overrides: Sequence[str] = (), *, splits=None, progress: boo
     with runs.run_lock(run_dir):
         ckpt_path = _resume_path(run_dir)
         ckpt = runs.load_checkpoint(ckpt_path)
+        check_saved_config(saved, ckpt, run_dir / "config.yaml", ckpt_path)
         check_resume(saved, cfg, ckpt, ckpt_path)
         splits = prepare(cfg, splits)
         if list(splits.shape) != list(ckpt.get("data_shape", splits.shape)):
