@@ -65,7 +65,7 @@ def test_the_version_is_written_once():
 
 
 CORE = ["objectives", "linear.py", "registry.py", "fileio.py", "models", "metrics"]
-PIPELINE = {"train", "cli", "study", "report", "runs", "data", "config", "evaluate", "evalconfig", "demo", "grids",
+PIPELINE = {"train", "cli", "study", "report", "runs", "data", "config", "schema", "evaluate", "evalconfig", "demo", "grids",
             "samplers", "imagegrid", "stats"}
 
 

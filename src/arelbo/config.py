@@ -13,15 +13,13 @@ run writes its resolved config as ``config.yaml`` in its run directory.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from arelbo.objectives import DEFAULT_POLICY, POLICIES, policy_options
+from arelbo.schema import ConfigError, Section, coerce
 
 __all__ = [
     "ConfigError",
@@ -40,119 +38,12 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key and what is valid."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Type checking of dataclass fields (from their annotations)
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        return f"list of {_type_name(arg)}"
-    if origin is dict or tp is dict:
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value, tp, key: str):
-    """Return ``value`` as type ``tp`` or raise ConfigError. Ints are accepted for floats (and numeric strings,
-    since YAML 1.1 reads ``1e-3`` as a string); bools are never numbers."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        # exact type matches first (so int stays int in int | float), then coercions
-        for arg in args:
-            if arg is not type(None) and typing.get_origin(arg) is None and type(value) is arg:
-                return value
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
-    if tp is Any:
-        return value
-    if origin is list:
-        (arg,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be int, got {value!r}")
-    if tp is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key} must be str, got {value!r}")
-    raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a schema bug, not a user error
-
-
-class _Section:
-    """Mixin for config sections: fields are type-checked (and coerced) on construction, then ``validate()``."""
-
-    _section: typing.ClassVar[str] = ""
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(getattr(self, f.name), hints[f.name], f"{self._section}.{f.name}"))
-        self.validate()
-
-    def validate(self) -> None:
-        pass
-
-    def _choice(self, name: str, choices) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ConfigError(f"{self._section}.{name} {value!r} unknown; valid: {', '.join(map(str, choices))}")
-
-    def _positive(self, *names: str, allow_zero: bool = False) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-                bound = ">= 0" if allow_zero else "> 0"
-                raise ConfigError(f"{self._section}.{name} must be {bound}, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Sections
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     _section = "data"
 
     name: str = "mnist"  # a name in arelbo.data.DATASETS
@@ -168,7 +59,7 @@ class DataConfig(_Section):
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     _section = "model"
 
     arch: str = "conv"  # "conv" | "mlp" | "linear" | "hvae" (arelbo.models.ARCHITECTURES)
@@ -246,7 +137,7 @@ LEGACY_OBJECTIVE_KEYS = ("sigma2", "beta", "init_sigma2", "init_mle", "log_sigma
 
 
 @dataclass
-class ObjectiveConfig(_Section):
+class ObjectiveConfig(Section):
     _section = "objective"
 
     policy: str = DEFAULT_POLICY  # a name in arelbo.objectives.POLICIES
@@ -267,7 +158,7 @@ class ObjectiveConfig(_Section):
         for name, opt in valid.items():
             value = self.options.get(name, opt.default)
             try:
-                resolved[name] = _coerce(value, opt.type, f"objective.options.{name}")
+                resolved[name] = coerce(value, opt.type, f"objective.options.{name}")
             except TypeError:  # a type the schema does not check (e.g. a sequence): the constructor does
                 resolved[name] = value
         self.options = resolved
@@ -331,7 +222,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn")
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     _section = "train"
 
     epochs: int = 10
@@ -343,6 +234,8 @@ class TrainConfig(_Section):
     schedule: str = "none"  # none (constant) | cosine (to 0 at the last step); both after warmup_steps
     warmup_steps: int = 0  # linear warmup from lr / warmup_steps
     grad_clip: Optional[float] = None  # clip the gradient norm (None: off)
+    skip_grad_norm: Optional[float] = None  # skip an update whose gradient norm exceeds this, as VDVAE (None: off)
+    kl_warmup_steps: int = 0  # the rate's weight in the loss rises linearly to 1 over these steps (0: off)
     seed: int = 0  # model init, noise and data order
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed
     devices: int = 1  # processes (CPU) or GPUs; > 1 is data-parallel (DDP, gloo on CPU, nccl on GPU)
@@ -369,8 +262,8 @@ class TrainConfig(_Section):
         self._choice("accelerator", ACCELERATORS)
         self._choice("strategy", STRATEGIES)
         self._positive("epochs", "lr", "devices", "log_every_n_steps", "checkpoint_every_n_epochs")
-        self._positive("weight_decay", "warmup_steps", "num_workers", "n_samples", allow_zero=True)
-        self._positive("max_steps", "grad_clip", "checkpoint_every_n_steps")
+        self._positive("weight_decay", "warmup_steps", "num_workers", "n_samples", "kl_warmup_steps", allow_zero=True)
+        self._positive("max_steps", "grad_clip", "checkpoint_every_n_steps", "skip_grad_norm")
         if self.seed < 0:
             raise ConfigError(f"train.seed must be >= 0, got {self.seed}")
         self._positive("limit_train_batches", "limit_val_batches", allow_zero=True)
@@ -403,8 +296,8 @@ class RunConfig:
         for key, cls in SECTIONS.items():
             if not isinstance(getattr(self, key), cls):
                 raise ConfigError(f"{key} must be a {cls.__name__} section")
-        self.out_dir = _coerce(self.out_dir, str, "out_dir")
-        self.name = _coerce(self.name, Optional[str], "name")
+        self.out_dir = coerce(self.out_dir, str, "out_dir")
+        self.name = coerce(self.name, Optional[str], "name")
         if not self.out_dir.strip():
             raise ConfigError("out_dir must not be empty (use . for the current directory)")
         if self.name is not None and (self.name.strip() in ("", ".", "..") or "/" in self.name or "\\" in self.name):

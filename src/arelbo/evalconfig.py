@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from arelbo.config import ConfigError, _Section
+from arelbo.schema import ConfigError, Section
 from arelbo.metrics.collapse import ACTIVE_UNIT_THRESHOLD
 
 __all__ = ["EvalConfig", "add_arguments", "parse_sampler_options", "SPLITS", "SQ_ERR_MODES"]
@@ -30,7 +30,7 @@ def _f(default, help: str, flags: tuple[str, ...] = (), **meta):
 
 
 @dataclass
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """What one evaluation of a run computes (see :func:`arelbo.evaluate.evaluate_run`)."""
 
     _section = "eval"

@@ -46,7 +46,8 @@ def collapse(run: Loaded, enc: Encoded, c, timings: dict) -> Collapse:
     timings["mutual_information"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_smooth = n_eval if c.smoothness_examples is None else min(n_eval, int(c.smoothness_examples))
-    smooth = (decoder_smoothness(run.model.units_decoder, mu_all[:n_smooth].to(run.device), batch_size=c.batch_size)
+    smooth = (decoder_smoothness(run.model.units_decoder, mu_all[:n_smooth].to(run.device), batch_size=c.batch_size,
+                                 units=getattr(run.model, "smoothness_units", None))
               if n_smooth else None)
     smooth_norm = normalised_smoothness(smooth, mu_all[:n_smooth]) if n_smooth else None
     mi_dims = mutual_information_per_dim(mu_all, logvar_all)

@@ -33,7 +33,7 @@ def group_diagnostics(enc: Encoded, au, kl_per_group: dict, smooth) -> list[dict
         active = int(au.mask[cols].sum())
         out.append({"name": name, "units": cols.stop - cols.start, "active_units": active,
                     "kl": kl_per_group.get(name),
-                    "smoothness_mean": None if smooth is None else float(smooth[cols].mean()),
+                    "smoothness_mean": None if smooth is None else float(smooth[cols].nanmean()),
                     "collapsed": active == 0})
     return out
 
@@ -71,9 +71,9 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
         "mutual_information_per_dim": mi_dims.tolist(),
         "mutual_information_per_dim_total": float(mi_dims.sum()),
         "smoothness_per_dim": smooth.tolist() if smooth is not None else None,
-        "smoothness_mean": float(smooth.mean()) if smooth is not None else None,
+        "smoothness_mean": float(smooth.nanmean()) if smooth is not None else None,
         "smoothness_normalised_per_dim": smooth_norm.tolist() if smooth_norm is not None else None,
-        "smoothness_normalised_mean": float(smooth_norm.mean()) if smooth_norm is not None else None,
+        "smoothness_normalised_mean": float(smooth_norm.nanmean()) if smooth_norm is not None else None,
     }
     collapse["groups"] = group_diagnostics(enc, au, elbo_policy.rate_per_group or {}, smooth)
     collapse["collapsed_groups"] = sum(g["collapsed"] for g in collapse["groups"])
@@ -159,6 +159,9 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
             "mi": {"num_examples": n_mi, "samples_per_example": 1,
                    "estimator": "E[log q(z|x) - log q(z)], q(z) = mixture of the N posteriors; <= log N"},
             "smoothness": {"num_examples": n_smooth, "how": "mean over examples of ||J_f(mu) e_j||_2, forward-mode jvp",
+                           "units": ("every unit" if getattr(run.model, "smoothness_units", None) is None else
+                                     f"up to {run.model.smoothness_units_per_group} units per group, evenly spaced "
+                                     "(the others null)"),
                            "normalised": "times std(mu_j) over the same examples (invariant to rescaling z_j)"},
             "mi_per_dim": {"num_examples": n_eval, "estimator": "1/2 log(Var(mu_j) + E s_j^2) - 1/2 E log s_j^2: "
                            "exact for a Gaussian aggregate posterior of z_j, else an upper bound; not capped at log N"},
@@ -210,16 +213,19 @@ def format_table(result: dict[str, Any]) -> str:
              ("model / policy", f"{result['run']['arch']}, q={c['latent_dim']} / {result['run']['policy']}"
               + (f", prior {result['run']['prior']}" if learnable_prior(result["run"].get("prior")) else ""))]
     section("collapse")
+    few = c["latent_dim"] <= 64  # one number per unit in the table; more units: per group, every unit in the JSON
     rows += [("active units", f"{c['active_units']} / {c['latent_dim']}  (Var(mu_j) > {p['active_threshold']})"),
              *([("groups (active/units, KL)", "  ".join(f"{g['name']}: {g['active_units']}/{g['units']}, "
                                                        f"{_fmt(g['kl'], 3)}" for g in c["groups"])
                  + f"  ({c['collapsed_groups']} collapsed)")] if len(c.get("groups") or []) > 1 else []),
              ("KL total (nats)", _fmt(c["kl_total"])),
-             ("KL per dim", " ".join(_fmt(v, 3) for v in c["kl_per_dim"]) if c["kl_per_dim"] is not None
+             ("KL per dim", (" ".join(_fmt(v, 3) for v in c["kl_per_dim"]) if few else "(per group above; every unit "
+                             "in metrics.json)") if c["kl_per_dim"] is not None
               else "- (not defined under a non-factorised prior)"),
-             ("I(x;z) (nats)", f"{_fmt(c['mutual_information'])}  (max log N = {_fmt(c['mutual_information_max'])})"),
+             ("I(x;z) (nats)", f"{_fmt(c['mutual_information'])}  (max log N = {_fmt(c['mutual_information_max'])})"
+              + ("" if len(c.get("groups") or []) < 2 else f", top group {c['groups'][0]['name']}")),
              ("smoothness E||df/dz_j||", _fmt(c["smoothness_mean"]) + ("  per dim: " + " ".join(_fmt(v, 3) for v in c["smoothness_per_dim"])
-                                                               if c["smoothness_per_dim"] else ""))]
+                                                               if c["smoothness_per_dim"] and few else ""))]
     section("likelihood")
     ne, na, isn = lk["neg_elbo"], lk["neg_elbo_ar"], lk["is_nll"]
     rows += [("sigma2 (ar, eval set)", _fmt(lk["sigma2_ar"])),

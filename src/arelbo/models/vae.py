@@ -64,9 +64,9 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
 
-    def decode_code(self, code: Tensor, noise: Noise | None = None) -> Tensor:
-        """The decoder mean from a sampler's code (B, code_dim); ``noise`` draws any latent group below the code
-        (the flat VAE has none: its code is all of z)."""
+    def decode_code(self, code: Tensor, noise: Noise | None = None, temperature: float = 1.0) -> Tensor:
+        """The decoder mean from a sampler's code (B, code_dim); ``noise`` draws any latent group below the code,
+        at ``temperature`` (the flat VAE has none: its code is all of z)."""
         return self.decoder(code)
 
     @staticmethod
@@ -192,11 +192,19 @@ def _prior(cfg, shape) -> Prior:
     return make_prior(getattr(cfg, "prior", "standard"), cfg.latent_dim, shape, **(getattr(cfg, "prior_options", None) or {}))
 
 
-ARCHITECTURES: dict[str, Callable[..., VAE]] = {"conv": _conv, "mlp": _mlp, "linear": _linear}
+def _hvae(cfg, shape) -> nn.Module:
+    from arelbo.models.hvae import HierarchicalVAE
+
+    return HierarchicalVAE(shape, cfg.latent_dim, cfg.layout, cfg.width, cfg.blocks, cfg.out_activation,
+                           prior=_prior(cfg, shape))
 
 
-def build_model(cfg, shape: Sequence[int]) -> VAE:
-    """Build the VAE a :class:`arelbo.config.ModelConfig` describes for data of shape (C, H, W)."""
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"conv": _conv, "mlp": _mlp, "linear": _linear, "hvae": _hvae}
+
+
+def build_model(cfg, shape: Sequence[int]) -> nn.Module:
+    """Build the model a :class:`arelbo.config.ModelConfig` describes for data of shape (C, H, W): a flat
+    :class:`VAE` (conv, mlp, linear) or the :class:`~arelbo.models.hvae.HierarchicalVAE` (hvae)."""
     if cfg.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.arch!r}; known: {', '.join(ARCHITECTURES)}")
     if len(shape) != 3 or min(shape) < 1:

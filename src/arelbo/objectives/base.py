@@ -183,7 +183,6 @@ class DecoderVariance(nn.Module):
     stationary: ClassVar[bool] = True  # False: the objective changes from call to call (running state)
     sigma2_kind: ClassVar[str] = "estimated"  # "estimated" from the data (ar-type), "given" or "learned"
     min_batch: ClassVar[int] = 1  # the smallest training batch (global) its sigma2 is defined on
-    kl_weight: float = 1.0
     # Where the ar* policies all-reduce their statistics (set through GaussianVAELoss): the process group
     # (None: the default group) and whether to all-reduce at all.
     process_group = None
@@ -202,7 +201,7 @@ class DecoderVariance(nn.Module):
         raise NotImplementedError
 
     def loss(self, sq_err: Tensor, rate: Tensor, sigma2: Tensor) -> Tensor:
-        return neg_elbo_per_sample(sq_err, sigma2, self.kl_weight * rate).mean()
+        return neg_elbo_per_sample(sq_err, sigma2, rate).mean()
 
     def optimizer_options(self) -> dict:
         """Optimiser options (e.g. ``{"lr": 1e-2}``) for this policy's own parameters; {}: the trainer's."""

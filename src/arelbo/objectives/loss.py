@@ -63,6 +63,7 @@ class GaussianVAELoss(nn.Module):
         if not (isinstance(check_finite, bool) or check_finite == "auto"):
             raise ValueError(f"check_finite must be 'auto', True or False, got {check_finite!r}")
         self.check_finite = check_finite
+        self.kl_weight = 1.0  # the rate's weight in the loss (a trainer's KL warm-up sets it; 1: the ELBO)
         self.process_group = process_group
         self.all_reduce = all_reduce
 
@@ -172,7 +173,8 @@ class GaussianVAELoss(nn.Module):
             raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
         check_float(sq_err=sq_err)
         sigma2 = self.policy.sigma2(sq_err)
-        loss = self.policy.loss(sq_err, rate, sigma2)
+        # a KL warm-up weighs the rate in the loss only; the reported -ELBO is always the full one
+        loss = self.policy.loss(sq_err, rate if self.kl_weight == 1.0 else rate * self.kl_weight, sigma2)
         with torch.no_grad():
             neg_elbo = neg_elbo_per_sample(sq_err.detach(), sigma2.detach(), rate.detach()).mean()
         num_elements = sq_err.shape[1]

@@ -26,6 +26,9 @@ class LatentSampler:
     # set on samplers that define a study method of their own: the policy its first stage trains with
     first_stage_policy: ClassVar[str | None] = None
     study_label: ClassVar[str] = ""
+    # the scale of the prior standard deviations of the latent groups below the code (hierarchical models), when
+    # decoded: 1, the model's own p(z_l | z_<l); the prior sampler's temperature option sets it for itself
+    temperature: float = 1.0
 
     def __init__(self):
         self.latent_dim: int | None = None

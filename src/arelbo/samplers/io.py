@@ -86,7 +86,7 @@ def decode_samples(
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             code = z[start : start + batch_size].to(device=device, dtype=dtype)
-            x = model.decode_code(code, None if below is None else below.rows(start)).float().cpu()
+            x = model.decode_code(code, None if below is None else below.rows(start), sampler.temperature).float().cpu()
             out.append(to_uint8(x) if as_uint8 else x)
             if bar is not None:
                 bar.update(x.shape[0])

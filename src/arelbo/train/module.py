@@ -52,6 +52,7 @@ class VAEModule(pl.LightningModule):
         self._bad_loss: Tensor | None = None  # device: that loss
         self._unchecked: dict[int, tuple[int, int]] = {}  # host: step -> (epoch, batch) since the last check
         self.bar_values: dict[str, float] = {}  # last logged values, for the progress bar (host floats)
+        self.skipped_updates = 0  # updates skipped by train.skip_grad_norm since the run began
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -198,6 +199,9 @@ class VAEModule(pl.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         x = self._inputs(batch, "train")
+        warmup = self.cfg.train.kl_warmup_steps
+        if warmup:
+            self.loss_fn.kl_weight = min(1.0, (self.global_step + 1) / warmup)
         out = self.loss_fn(x, self.model(x, noise=self._noise))
         step, world = self.global_step, self.trainer.world_size
         self._record_finite(out.loss, batch_idx)  # no host sync: read at the next check
@@ -219,6 +223,10 @@ class VAEModule(pl.LightningModule):
             record = {name: value / world for name, value in zip(names, v)}
             record["bits_per_dim"] = record["neg_elbo"] / (out.num_elements * math.log(2.0))
             record["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+            if self.cfg.train.kl_warmup_steps:
+                record["kl_weight"] = self.loss_fn.kl_weight
+            if self.cfg.train.skip_grad_norm is not None:
+                record["skipped_updates"] = self.skipped_updates
             self._write("train", record)
             self.bar_values = {"loss": record["loss"], "sigma2": record["sigma2"]}
         return out.loss
@@ -405,6 +413,7 @@ class VAEModule(pl.LightningModule):
             "kl": kl,
             "sigma2": s2,
             "active_units": int((var_mu > ACTIVE_UNIT_THRESHOLD).sum().item()),
+            "active_units_per_group": self._per_group(var_mu > ACTIVE_UNIT_THRESHOLD),
             # KL per dimension exists only for a factorised prior with closed-form KL (README: Priors)
             "kl_per_dim": None if res.kl_per_dim is None else [float(v) for v in res.kl_per_dim],
             "kl_per_group": res.rate_per_group,
@@ -425,7 +434,32 @@ class VAEModule(pl.LightningModule):
         self.log("val_nelbo", nelbo, prog_bar=True, logger=False, sync_dist=True)
         self.log("val_au", float(record["active_units"]), prog_bar=True, logger=False, sync_dist=True)
 
+    def _per_group(self, active: Tensor) -> dict[str, int]:
+        """Active units of each latent group from the per-unit mask (groups flattened in order)."""
+        out, start = {}, 0
+        for name, shape in self.model.latent_shapes.items():
+            units = math.prod(shape)
+            out[name] = int(active[start : start + units].sum())
+            start += units
+        return out
+
     # ---- checkpoint contents (the format of arelbo.runs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``train.skip_grad_norm``: an update whose gradient norm (before any clipping) exceeds it, or is not
+        finite, is skipped, as VDVAE does: every gradient is dropped, so the optimiser leaves the parameters and its
+        moments as they are. One host sync per step while the option is on."""
+        limit = self.cfg.train.skip_grad_norm
+        if limit is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params]))
+        if not bool(torch.isfinite(norm)) or float(norm) > limit:
+            for p in params:
+                p.grad = None
+            self.skipped_updates += 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.pop("state_dict")
@@ -436,6 +470,7 @@ class VAEModule(pl.LightningModule):
         checkpoint["policy"] = self.cfg.objective.policy
         checkpoint["rng"] = runs.rng_state()
         checkpoint["val"] = self.last_val
+        checkpoint["skipped_updates"] = int(self.skipped_updates)
         # batches of the current epoch done: > 0 for a checkpoint written right after a step (between the
         # step's processing and its completion in Lightning's count); 0 at an epoch end, where the next starts
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
@@ -449,6 +484,7 @@ class VAEModule(pl.LightningModule):
                 **{f"loss_fn.{k}": v for k, v in checkpoint.get("objective", {}).items()},
             }
         self._resume_rng = checkpoint.get("rng")
+        self.skipped_updates = int(checkpoint.get("skipped_updates", 0))
         self._resuming = True
         self._resume_skip = int(checkpoint.get("epoch_batches_done", 0))
 
