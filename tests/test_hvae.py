@@ -275,3 +275,26 @@ def test_eval_writes_per_group_diagnostics_and_the_sampler_temperature(trained):
     assert sum(measured[0:3]) == 3 and sum(measured[3:35]) == 8 and sum(measured[35:99]) == 8
     assert res["protocol"]["samplers"]["prior"]["config"] == {"temperature": 0.7}
     assert res["protocol"]["samplers"]["gmm"]["fit_info"]["num_codes"] == 160  # the top group's codes
+
+
+def test_a_study_of_the_hierarchy_reports_kl_and_active_units_per_group(tmp_path, data_file):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from arelbo.cli import main
+
+    out = tmp_path / "study"
+    sets = [a for s in ("data.name=npz", f"data.root={data_file}", "data.batch_size=32", "data.eval_batch_size=20",
+                        *TINY_MODEL, "train.n_samples=0") for a in ("--set", s)]
+    assert main(["compare", "--preset", "mnist-hvae", "--policies", "ar,fixed:1", "--seeds", "0,1", "--out", str(out),
+                 "--epochs", "1", "--steps-per-epoch", "3", "--eval-samples", "0", "--no-fid", "--no-gmm",
+                 "--is-examples", "4", "--k", "2", "--quiet", *sets]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for p in results["policies"]:
+        assert [g["name"] for g in p["groups"]] == ["z1", "z2", "z3"] and p["groups"][1]["units"] == 32
+        assert p["groups"][0]["kl"]["n"] == 2
+        kl = [sum(c["kl"] for c in cell["groups"]) for cell in p["cells"]]
+        assert kl == pytest.approx([c["values"]["kl_total"] for c in p["cells"]], rel=1e-9)
+    md = (out / "report.md").read_text()
+    assert "## Latent groups" in md and md.count("| AR-ELBO | z") == 3
+    assert (out / "figures" / "kl_per_group.png").is_file()

@@ -16,10 +16,19 @@ Figures use matplotlib's object API (``matplotlib.figure.Figure``, Agg canvas): 
 Also here: :func:`plot_linear_active_units`, the linear VAE's picture for ``arelbo linear --plot``.
 """
 
-from arelbo.report.figures import Figure, make_figures, plot_curves, plot_fid_bars, plot_kl_heatmap, plot_sigma2_trajectories, plot_sweep
+from arelbo.report.figures import (
+    Figure,
+    make_figures,
+    plot_curves,
+    plot_fid_bars,
+    plot_group_kl,
+    plot_kl_heatmap,
+    plot_sigma2_trajectories,
+    plot_sweep,
+)
 from arelbo.report.linear import linear_active_units_curve, plot_linear_active_units
 from arelbo.report.page import render_html, render_markdown, report_notes, write_report
-from arelbo.report.tables import format_cell, paired_rows, paired_tables, table_rows
+from arelbo.report.tables import format_cell, group_rows, paired_rows, paired_tables, table_rows
 
 __all__ = [
     "write_report",
@@ -30,12 +39,14 @@ __all__ = [
     "table_rows",
     "paired_rows",
     "paired_tables",
+    "group_rows",
     "make_figures",
     "Figure",
     "plot_fid_bars",
     "plot_sweep",
     "plot_sigma2_trajectories",
     "plot_kl_heatmap",
+    "plot_group_kl",
     "plot_curves",
     "linear_active_units_curve",
     "plot_linear_active_units",

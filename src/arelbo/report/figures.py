@@ -100,6 +100,8 @@ def plot_kl_heatmap(results: dict, path: Path) -> Figure | None:
     if not rows:
         return None
     q = max(len(r) for _, r in rows)
+    if q > 256:  # a hierarchy's thousands of units: its KL per group is in the latent groups figure and table
+        return None
     data = np.full((len(rows), q), np.nan)
     for i, (_, r) in enumerate(rows):
         data[i, : len(r)] = r
@@ -123,6 +125,36 @@ def plot_kl_heatmap(results: dict, path: Path) -> Figure | None:
     return Figure("kl", "KL per latent dimension", path,
                   "Each row a policy, each column a latent dimension sorted by its KL (evaluation split); a dimension "
                   "with KL ≈ 0 carries no information (collapsed).")
+
+
+def plot_group_kl(results: dict, path: Path) -> Figure | None:
+    """KL per latent group, one bar per policy (mean ± std over seeds): for studies of a hierarchical model."""
+    import numpy as np
+
+    rows = [(label, p["groups"]) for label, p in _training_groups(results) if len(p.get("groups") or []) > 1]
+    if not rows:
+        return None
+    names = [g["name"] for g in rows[0][1]]
+    fig = _figure(max(6.0, 1.2 * len(names) + 2), 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / len(rows)
+    for i, (label, groups) in enumerate(rows):
+        by_name = {g["name"]: g for g in groups}
+        means = [(by_name.get(n) or {}).get("kl", {}).get("mean") for n in names]
+        stds = [(by_name.get(n) or {}).get("kl", {}).get("std") or 0.0 for n in names]
+        xs = np.arange(len(names)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, [np.nan if m is None else m for m in means], width, yerr=stds, capsize=2, label=label,
+               color=PALETTE[i % len(PALETTE)])
+    units = {g["name"]: g["units"] for g in rows[0][1]}
+    ax.set_xticks(range(len(names)), [f"{n}\n({units[n]} units)" for n in names], fontsize=8)
+    ax.set_ylabel("KL (nats per example)")
+    ax.set_title("KL per latent group (top first; mean ± std over seeds)")
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(fig, path)
+    return Figure("group_kl", "KL per latent group", path,
+                  "Each policy's KL in every latent group of the hierarchy (evaluation split), top group first; a "
+                  "group with KL ≈ 0 and no active unit has collapsed to its prior.")
 
 
 def _has_value(agg) -> bool:
@@ -332,6 +364,7 @@ def make_figures(results: dict, out: Path) -> tuple[list[Figure], list[dict]]:
         plot_sweep(results, figdir / "sweep.png"),
         plot_sigma2_trajectories(results, Path(out), figdir / "sigma2.png"),
         plot_kl_heatmap(results, figdir / "kl_per_dim.png"),
+        plot_group_kl(results, figdir / "kl_per_group.png"),
         plot_curves(results, figdir / "curves.png"),
     ]
     return [f for f in figs if f is not None], _image_grids(results, Path(out), figdir)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from arelbo.report.figures import Figure, make_figures
-from arelbo.report.tables import curve_rows, failures, paired_tables, table_rows
+from arelbo.report.tables import curve_rows, failures, group_rows, paired_tables, table_rows
 
 def _intro(results: dict) -> list[tuple[str, str]]:
     """(label, text) lines describing the study, shared by markdown and HTML."""
@@ -88,6 +88,11 @@ def report_notes(results: dict) -> list[str]:
     return [text for need, text in NOTES if not need or have.intersection(need)]
 
 
+GROUPS_TEXT = ("Per latent group of the hierarchy (top first): active units (Var_x(μ_j) > 0.01, each group at its "
+               "posterior mean given the groups above at theirs) and KL (nats per example), mean ± std over seeds; a "
+               "group collapsed when none of its units is active.")
+
+
 def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out: Path) -> str:
     def rel(p: Path) -> str:
         return os.path.relpath(p, out).replace(os.sep, "/")
@@ -107,6 +112,11 @@ def render_markdown(results: dict, figures: list[Figure], grids: list[dict], out
     if bad:
         lines += ["", "Runs without results:", ""] + [f"- {esc(p)} seed {s}: {esc(e)}" for p, s, e in bad]
     lines += ["", *[f"- {n}" for n in report_notes(results)]]
+    gheader, grows = group_rows(results)
+    if grows:
+        lines += ["", "## Latent groups", "", GROUPS_TEXT, "",
+                  "| " + " | ".join(esc(h) for h in gheader) + " |", "|" + " --- |" * len(gheader)]
+        lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in grows]
     for _, title, pheader, prow in paired_tables(results):
         lines += ["", f"## {title}", "", "An interval that excludes zero is a difference beyond the spread of the "
                   "training seeds; otherwise the two are within the spread.", "",
@@ -184,8 +194,12 @@ def render_html(results: dict, figures: list[Figure], grids: list[dict]) -> str:
         parts.append("<p>Runs without results:</p><ul class=\"notes\">"
                      + "".join(f"<li>{e(p)} seed {s}: {e(err)}</li>" for p, s, err in bad) + "</ul>")
     parts.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in report_notes(results)) + "</ul>")
+    gheader, grows = group_rows(results)
+    if grows:
+        parts.append(f"<p>{e(GROUPS_TEXT)}</p>")
     cheader, crows = curve_rows(results)
-    for key, heading, header_, rows_ in [*paired_tables(results), ("curve", "Against training steps", cheader, crows)]:
+    for key, heading, header_, rows_ in [("groups", "Latent groups", gheader, grows), *paired_tables(results),
+                                         ("curve", "Against training steps", cheader, crows)]:
         if rows_:
             parts += [f'<h2 id="{key}">{e(heading)}</h2>', '<div class="tablewrap">', '<table class="results">',
                       "<thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header_) + "</tr></thead>", "<tbody>"]

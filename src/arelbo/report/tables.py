@@ -97,6 +97,21 @@ def curve_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def group_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of each hierarchical policy's latent groups: units, active units and KL (mean ± std over
+    seeds), and in how many seeds the group collapsed (no active unit); rows = [] when no policy has several."""
+    header = ["policy", "group", "units", "active units", "KL (nats)", "collapsed in"]
+    rows = []
+    for p in results["policies"]:
+        groups = p.get("groups") or []
+        if len(groups) < 2:
+            continue
+        for g in groups:
+            rows.append([p["label"], g["name"], str(g["units"]), format_cell(g["active_units"], 3),
+                         format_cell(g["kl"], 3), f"{g['collapsed_seeds']} of {g['n']} seeds"])
+    return header, rows
+
+
 def failures(results: dict) -> list[tuple[str, int, str]]:
     return [(p["label"], c["seed"], c.get("error") or c["status"]) for p in results["policies"] for c in p["cells"]
             if c["status"] != "done"]

@@ -193,6 +193,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
                 entry.update(status="done", values=values, unavailable=reasons, kl_per_dim_sorted=_sorted_kl(metrics),
                              kl_per_dim=(metrics.get("collapse") or {}).get("kl_per_dim"),
                              mi_per_dim=(metrics.get("collapse") or {}).get("mutual_information_per_dim"),
+                             groups=_groups_of(metrics),
                              train_seconds=marker.get("train_seconds"),
                              eval_seconds=(metrics.get("timings_s") or {}).get("total"),
                              checkpoint=metrics.get("checkpoint"),
@@ -209,7 +210,7 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         kl_mean = [math.fsum(col) / len(col) for col in zip(*kl_rows)] if kl_rows else None
         latent = next((c["values"].get("latent_dim") for c in done if c["values"].get("latent_dim")), None)
         policies_out.append({**p.to_dict(), "cells": cells, "aggregate": agg, "unavailable": notes,
-                             "curve": _curve(done, keys),
+                             "curve": _curve(done, keys), "groups": _group_aggregates(done),
                              "kl_per_dim_sorted_mean": kl_mean, "latent_dim": latent,
                              "n_done": len(done), "n_failed": sum(c["status"] == "failed" for c in cells)})
     results = {
@@ -237,6 +238,30 @@ def collect_results(plan: StudyPlan, wall_seconds: float | None = None, referenc
         "dedup": plan.dropped,
     }
     return results
+
+
+def _groups_of(metrics: dict) -> list[dict] | None:
+    """A run's latent groups from its metrics.json: name, units, active units, KL (nats), collapsed."""
+    groups = (metrics.get("collapse") or {}).get("groups")
+    if not groups:
+        return None
+    return [{k: g.get(k) for k in ("name", "units", "active_units", "kl", "collapsed")} for g in groups]
+
+
+def _group_aggregates(done: list[dict]) -> list[dict] | None:
+    """Per latent group, over the seeds: units, active units and KL (mean, std), and in how many seeds it
+    collapsed; None unless every done seed has the same groups."""
+    layouts = {tuple((g["name"], g["units"]) for g in c["groups"]) for c in done if c.get("groups")}
+    if len(layouts) != 1 or any(not c.get("groups") for c in done):
+        return None
+    out = []
+    for i, (name, units) in enumerate(layouts.pop()):
+        rows = [c["groups"][i] for c in done]
+        out.append({"name": name, "units": units,
+                    "active_units": aggregate_values([r["active_units"] for r in rows]),
+                    "kl": aggregate_values([r["kl"] for r in rows]),
+                    "collapsed_seeds": sum(bool(r["collapsed"]) for r in rows), "n": len(rows)})
+    return out
 
 
 def _snapshot_values(run: PlannedRun, sampler: str, gmm: bool, two_stage: bool = False,
