@@ -1,5 +1,6 @@
 """Training-speed benchmark: pipeline vs bare PyTorch loop, `ar` vs `fixed` step overhead, GFLOP/s vs peak, and
-(``--priors``) the cost of a training step with each prior of ``model.prior``.
+(``--priors``) the cost of a training step with each prior of ``model.prior``, or (``--presets``) the step of several
+presets side by side (bare and through the pipeline), as ratios to the first.
 
 The `ar` overhead is reported two ways: whole training steps of an `ar` and a `fixed` (sigma2 = 1) model
 (two different models, so noisy on a shared machine), and the loss alone on identical tensors relative to a
@@ -7,6 +8,7 @@ step (the policy's own cost).
 
     python benchmarks/bench_train.py [--preset mnist-conv] [--steps 60] [--repeats 5] [--out docs/benchmarks.json]
     python benchmarks/bench_train.py --priors [--steps 40] [--repeats 5] [--out docs/bench_priors.json]
+    python benchmarks/bench_train.py --presets mnist-conv,mnist-hvae [--steps 40] [--repeats 5] [--out ...]
 
 Everything is measured in this one process, interleaved, and reported as medians of repeats and ratios of medians
 (timings on a shared machine are noisy: compare only numbers from one run). Results go to docs/benchmarks.md.
@@ -56,9 +58,7 @@ def make_step(cfg, shape, policy: str, sigma2: float = 1.0, prior: str | None = 
     opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr)
 
     def step(x):
-        mu, logvar = model.encode(x)
-        z = model.reparameterize(mu, logvar)
-        loss = loss_fn(x, model.decode(z), mu, logvar, rate=model.rate(mu, logvar, z)).loss
+        loss = loss_fn(x, model(x)).loss  # the model's named output: its rate, every latent group
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -83,6 +83,42 @@ def bench_priors(cfg, shape, batches, repeats: int) -> dict:
         "prior_step_ms": {name: 1e3 * m for name, m in med.items()},
         "prior_step_ms_per_repeat": {name: [1e3 * t for t in ts] for name, ts in times.items()},
         "prior_step_ratio_to_standard": {name: m / med["standard"] for name, m in med.items()},
+    }
+
+
+def bench_presets(names: list[str], steps: int, repeats: int) -> dict:
+    """Seconds per `ar` step of each preset, bare and through the pipeline, interleaved (the order rotates every
+    repeat); medians, and their ratios to the first preset's."""
+    from arelbo.train import benchmark_steps
+
+    setups = {}
+    for name in names:
+        cfg = load_config(preset=name)
+        splits = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        bs = cfg.data.batch_size
+        batches = list(to_float(splits.train[: steps * bs]).split(bs))[:steps]
+        step, model = make_step(cfg, splits.shape, "ar")
+        setups[name] = (cfg, splits, batches, step, sum(p.numel() for p in model.parameters()))
+    bare = {n: [] for n in names}
+    pipe = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            cfg, splits, batches, step, _ = setups[name]
+            bare[name].append(time_steps(step, batches))
+            pipe[name].append(benchmark_steps(cfg, splits, steps))
+    med = statistics.median
+    first = names[0]
+    return {
+        "presets": names,
+        "batch_size": {n: setups[n][0].data.batch_size for n in names},
+        "parameters": {n: setups[n][4] for n in names},
+        "bare_step_ms": {n: 1e3 * med(bare[n]) for n in names},
+        "pipeline_step_ms": {n: 1e3 * med(pipe[n]) for n in names},
+        "bare_step_ms_per_repeat": {n: [1e3 * v for v in bare[n]] for n in names},
+        "pipeline_step_ms_per_repeat": {n: [1e3 * v for v in pipe[n]] for n in names},
+        "bare_ratio_to_first": {n: med(bare[n]) / med(bare[first]) for n in names},
+        "pipeline_ratio_to_first": {n: med(pipe[n]) / med(pipe[first]) for n in names},
+        "gflop_per_step": {n: flops_per_step(setups[n][3], setups[n][2][0]) / 1e9 for n in names},
     }
 
 
@@ -128,9 +164,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--priors", action="store_true",
                         help="time an `ar` training step with each prior of model.prior instead")
+    parser.add_argument("--presets", default=None, metavar="A,B,...",
+                        help="time the `ar` step of these presets side by side instead (ratios to the first)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.presets:
+        names = [n.strip() for n in args.presets.split(",") if n.strip()]
+        results = {"steps": args.steps, "repeats": args.repeats, "load_average_start": os.getloadavg()}
+        results.update(bench_presets(names, args.steps, args.repeats))
+        return _finish(results, args.out)
 
     cfg = load_config(preset=args.preset)
     splits = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)

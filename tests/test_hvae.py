@@ -298,3 +298,19 @@ def test_a_study_of_the_hierarchy_reports_kl_and_active_units_per_group(tmp_path
     md = (out / "report.md").read_text()
     assert "## Latent groups" in md and md.count("| AR-ELBO | z") == 3
     assert (out / "figures" / "kl_per_group.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_train_times_the_presets_side_by_side():
+    """benchmarks/bench_train.py --presets: each preset's bare and pipeline step, ratios to the first."""
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("lightning")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.bench_presets(["mnist-conv", "mnist-hvae"], steps=2, repeats=1)
+    assert res["bare_ratio_to_first"]["mnist-conv"] == 1.0 and res["bare_ratio_to_first"]["mnist-hvae"] > 0
+    assert all(v > 0 for v in res["pipeline_step_ms"].values()) and res["parameters"]["mnist-hvae"] > 0

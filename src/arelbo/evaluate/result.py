@@ -167,6 +167,10 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
                            "exact for a Gaussian aggregate posterior of z_j, else an upper bound; not capped at log N"},
             "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": float(value.mean())},
             "samplers": sampler_results,
+            "sampler_code": (f"the latent vector ({q} units)" if len(enc.groups) == 1 else
+                             f"the top group {next(iter(enc.groups))} ({run.model.code_dim} units); every group below "
+                             "drawn from its prior p(z_l | z_<l), its standard deviation scaled by the sampler's "
+                             "temperature (1 but for the prior sampler's option)"),
             "fid": {"feature_net": net, "reference": reference_name, "kid": use_kid,
                     "n_samples": n_samples, "skipped": fid_unavailable, "repeats": int(fid_repeats),
                     "reconstruction": bool(fid_reconstruction)},
