@@ -64,7 +64,7 @@ def test_the_version_is_written_once():
     assert res.stdout.strip() == f"arelbo {arelbo.__version__}"
 
 
-CORE = ["objectives", "linear.py", "registry.py", "fileio.py", "models", "metrics"]
+CORE = ["objectives", "linear.py", "linear_hierarchy.py", "registry.py", "fileio.py", "models", "metrics"]
 PIPELINE = {"train", "cli", "study", "report", "runs", "data", "config", "schema", "evaluate", "evalconfig", "demo", "grids",
             "samplers", "imagegrid", "stats"}
 
