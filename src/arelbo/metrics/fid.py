@@ -174,7 +174,9 @@ def reference_features(reference: Tensor | Iterable, feature_net: str = "mnist-f
     reference, name = _resolve_reference(reference, reference_name)
     fid_id = info["weights_sha256"] or info["name"]
     if isinstance(reference, Tensor):
-        key = (fid_id, name, reference.shape[0], _content_hash(reference), f"q{int(quantize)}")
+        # how the net is run is part of the key: reference and generated features come from the same computation
+        key = (fid_id, info.get("inference", "as trained"), name, reference.shape[0], _content_hash(reference),
+               f"q{int(quantize)}")
     else:
         key = None
     if key is not None and key in _REFERENCE_CACHE:
@@ -254,6 +256,7 @@ def compute_fid(generated: Tensor | Iterable, reference: Tensor | Iterable,
         "feature_net": info["name"],
         "weights_sha256": info["weights_sha256"],
         "feature_dim": info["feature_dim"],
+        **({"inference": info["inference"]} if "inference" in info else {}),
         "n_generated": int(gen.shape[0]),
         "n_reference": int(ref.shape[0]),
         "reference": {"name": name, "count": int(ref.shape[0])},

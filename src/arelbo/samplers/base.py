@@ -34,19 +34,35 @@ class LatentSampler:
         self.latent_dim: int | None = None
         self.fit_info: dict[str, Any] = {}
         self.val_loader: Iterable | None = None
+        self._codes: dict = {}
 
     # -- interface
     def fit(self, model, loader: Iterable, max_examples: int | None = None, progress: bool | str = False,
-            val_loader: Iterable | None = None) -> "LatentSampler":
+            val_loader: Iterable | None = None, codes: dict | None = None) -> "LatentSampler":
         """Fit on the training data ``loader``; ``val_loader`` (held-out data, optional) is where samplers that
-        choose something (a component count, when to stop) judge it (``self.val_loader`` in ``_fit``)."""
+        choose something (a component count, when to stop) judge it (``self.val_loader`` in ``_fit``).
+
+        ``codes``: a dict shared by the samplers fitted on the same model and loaders, where :meth:`encode` keeps
+        the posteriors it computed (an evaluation encodes the training split once, not once per sampler)."""
         self.latent_dim = int(model.code_dim)
         self.val_loader = val_loader
+        self._codes = {} if codes is None else codes
         try:
             self._fit(model, loader, max_examples, progress)
         finally:
-            self.val_loader = None
+            self.val_loader, self._codes = None, {}
         return self
+
+    def encode(self, model, loader: Iterable, max_examples: int | None = None,
+               progress: bool | str = False) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of the code samplers model, for every example of ``loader`` (``encode_dataset``), computed
+        once per loader within the ``codes`` dict given to :meth:`fit`."""
+        from arelbo.metrics.collapse import encode_dataset
+
+        key = (id(loader), max_examples)
+        if key not in self._codes:
+            self._codes[key] = encode_dataset(model, loader, max_examples, progress)
+        return self._codes[key]
 
     def _fit(self, model, loader, max_examples, progress) -> None:
         pass

@@ -55,12 +55,10 @@ class FlowSampler(LatentSampler):
         self.flow = build_maf(latent_dim, self.transforms, self.hidden, identity=True)
 
     def _fit(self, model, loader, max_examples, progress) -> None:
-        from arelbo.metrics.collapse import encode_dataset
-
-        mu, logvar = encode_dataset(model, loader, max_examples, progress and "flow: encoding")
+        mu, logvar = self.encode(model, loader, max_examples, progress and "flow: encoding")
         val = None
         if self.val_loader is not None:
-            val = encode_dataset(model, self.val_loader, None, progress and "flow: encoding held-out data")
+            val = self.encode(model, self.val_loader, None, progress and "flow: encoding held-out data")
         self.fit_codes(mu, logvar, progress=progress, val=val)
 
     def fit_codes(self, mu: Tensor, logvar: Tensor | None = None, progress: bool | str = False,

@@ -35,12 +35,10 @@ class GMMSampler(LatentSampler):
         self.covariances: Tensor | None = None  # (K, q, q)
 
     def _fit(self, model, loader, max_examples, progress) -> None:
-        from arelbo.metrics.collapse import encode_dataset
-
-        mu, _ = encode_dataset(model, loader, max_examples, progress and "gmm: encoding")
+        mu, _ = self.encode(model, loader, max_examples, progress and "gmm: encoding")
         val = None
         if self.components_grid is not None and self.val_loader is not None:
-            val, _ = encode_dataset(model, self.val_loader, None, progress and "gmm: encoding held-out data")
+            val, _ = self.encode(model, self.val_loader, None, progress and "gmm: encoding held-out data")
         self.fit_means(mu, val)
 
     def fit_means(self, codes: Tensor, val_codes: Tensor | None = None) -> "GMMSampler":
@@ -57,19 +55,20 @@ class GMMSampler(LatentSampler):
             fit_on, held, held_name = codes[:cut], codes[cut:], "last 10% of the training codes"
         else:
             fit_on, held, held_name = codes, val_codes.detach().double().cpu(), "held-out codes"
-        scores = {}
+        scores, fits = {}, {}
         for k in self.components_grid:
             if k > fit_on.shape[0]:
                 continue
             self._fit_k(fit_on, k)
             scores[k] = self._score(held)
+            fits[k] = (self.weights, self.means, self.covariances, self.fit_info)
         if not scores:
             raise ValueError(f"need more codes than the smallest component count {self.components_grid[0]}")
         best = max(scores, key=lambda k: (scores[k], -k))
         if val_codes is None:
             self._fit_k(codes, best)
-        else:
-            self._fit_k(fit_on, best)
+        else:  # the grid's fit of the chosen count is the final one (a seeded refit on the same codes repeats it)
+            self.weights, self.means, self.covariances, self.fit_info = fits[best]
         self.n_components = best  # config() then rebuilds the chosen mixture
         self.fit_info.update(selection={"chosen": best, "held_out": held_name, "num_held_out": int(held.shape[0]),
                                         "mean_log_likelihood": {str(k): v for k, v in scores.items()}})
