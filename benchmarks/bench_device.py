@@ -49,14 +49,14 @@ from arelbo.data import Splits, to_float
 from arelbo.models import build_model
 
 CELEBA_TRAIN_IMAGES = 162_770
-SHAPES = {"mnist-conv": (1, 28, 28), "celeba64-conv": (3, 64, 64)}
+SHAPES = {"mnist-conv": (1, 28, 28), "mnist-hvae": (1, 28, 28), "celeba64-conv": (3, 64, 64)}
 FULL = {
-    "batch_sizes": {"mnist-conv": [128, 512, 2048], "celeba64-conv": [64, 256, 1024]},
+    "batch_sizes": {"mnist-conv": [128, 512, 2048], "mnist-hvae": [128, 512], "celeba64-conv": [64, 256, 1024]},
     "steps": 30, "warmup": 5, "repeats": 3, "pipeline_steps": 60, "eval_n": 10_000, "eval_repeats": 3,
     "matmul_n": {"cuda": 8192, "cpu": 1024}, "switch_batch": 64, "compile": True,
 }
 TINY = {
-    "batch_sizes": {"mnist-conv": [32], "celeba64-conv": [8]},
+    "batch_sizes": {"mnist-conv": [32], "mnist-hvae": [8], "celeba64-conv": [8]},
     "steps": 3, "warmup": 1, "repeats": 1, "pipeline_steps": 3, "eval_n": 1000, "eval_repeats": 1,
     "matmul_n": {"cuda": 2048, "cpu": 256}, "switch_batch": 8, "compile": False,
 }
@@ -111,8 +111,10 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_bare_step(preset: str, device: torch.device, precision: str, channels_last: bool = False,
-                   compile_model: bool = False):
-    """A bare training step of ``preset``'s model and objective: what a user would write around the library."""
+                   compile_model: bool = False, compile_mode: str | None = None, fused: bool = False):
+    """A bare training step of ``preset``'s model and objective: what a user would write around the library.
+    ``fused``: Adam's update as one fused kernel; ``compile_mode``: torch.compile's mode (``reduce-overhead``:
+    CUDA graphs, one launch for the captured forward)."""
     from arelbo.objectives import GaussianVAELoss
 
     cfg = load_config(preset=preset)
@@ -121,15 +123,16 @@ def make_bare_step(preset: str, device: torch.device, precision: str, channels_l
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = GaussianVAELoss(cfg.objective.policy, check_finite=False).to(device)
-    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr)
-    forward = torch.compile(model) if compile_model else model
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=cfg.train.lr,
+                           **({"fused": True} if fused else {}))
+    forward = torch.compile(model, mode=compile_mode) if compile_model else model
 
     def step(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             out = forward(x)
-            loss = loss_fn(x, out.x_hat, out.mu, out.logvar).loss
+            loss = loss_fn(x, out).loss  # the model's named output: every architecture, its own rate
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -320,6 +323,20 @@ def main(argv=None) -> dict:
             pipeline.append(row)
             log(f"pipeline {preset} bs={bs} {precision}: {row['images_per_s']:.0f} img/s"
                 + (f" ({row['pipeline_vs_bare']:.3f} of bare)" if ref else ""))
+    preset = "mnist-conv"  # the launch-bound model: the pipeline with train.fused_optimizer (one update kernel)
+    for precision in ("fp32",) if device.type == "cpu" else ("fp32", "bf16"):
+        if elapsed() > 0.8 * budget:
+            results["skipped"].append(f"pipeline {preset} {precision} fused_optimizer (time budget)")
+            continue
+        bs = load_config(preset=preset).data.batch_size
+        s = pipeline_seconds(preset, device, precision, plan["pipeline_steps"], plan["warmup"], fused_optimizer=True)
+        row = {"preset": preset, "batch_size": bs, "precision": precision, "fused_optimizer": True,
+               "images_per_s": bs / s, "ms_per_step": 1e3 * s}
+        ref = [r for r in bare if (r["preset"], r["batch_size"], r["precision"]) == (preset, bs, precision)]
+        if ref:
+            row["pipeline_vs_bare"] = row["images_per_s"] / ref[0]["images_per_s"]
+        pipeline.append(row)
+        log(f"pipeline {preset} bs={bs} {precision} fused_optimizer: {row['images_per_s']:.0f} img/s")
     if device.type != "cpu":  # what device-resident data save: the same run copying each batch from the host
         preset, precision = "celeba64-conv", "bf16"
         if elapsed() > 0.5 * budget:
@@ -340,15 +357,20 @@ def main(argv=None) -> dict:
 
     # ---- optional speed switches on the CelebA net
     switches = []
-    preset, bs = "celeba64-conv", plan["switch_batch"]
-    data = generated_uint8(SHAPES[preset], max(4 * bs, 1024), device)
-    variants = [("channels_last", {"channels_last": True})]
+    variants = [("celeba64-conv", plan["switch_batch"], "channels_last", {"channels_last": True}),
+                ("celeba64-conv", plan["switch_batch"], "fused_adam", {"fused": True}),
+                ("mnist-conv", plan["batch_sizes"]["mnist-conv"][0], "fused_adam", {"fused": True})]
     if plan["compile"] and not args.no_compile:
-        variants.append(("compile", {"compile_model": True}))
-    for name, kwargs in variants:
-        if elapsed() > (0.5 if name == "compile" else 0.6) * budget:  # compiling alone can take a minute
-            results["skipped"].append(f"switch {name} (time budget)")
+        variants.append(("celeba64-conv", plan["switch_batch"], "compile", {"compile_model": True}))
+        if device.type == "cuda":  # CUDA graphs: the launch-bound small model is where they should pay
+            variants += [(preset, plan["batch_sizes"][preset][0], "compile_reduce_overhead+fused_adam",
+                          {"compile_model": True, "compile_mode": "reduce-overhead", "fused": True})
+                         for preset in ("mnist-conv", "celeba64-conv")]
+    for preset, bs, name, kwargs in variants:
+        if elapsed() > (0.5 if "compile" in name else 0.6) * budget:  # compiling alone can take a minute
+            results["skipped"].append(f"switch {name} {preset} (time budget)")
             continue
+        data = generated_uint8(SHAPES[preset], max(4 * bs, 1024), device)
         precision = "bf16" if device.type == "cuda" else "fp32"
         try:
             step = make_bare_step(preset, device, precision, **kwargs)
@@ -358,14 +380,19 @@ def main(argv=None) -> dict:
             continue
         base = [r for r in bare if (r["preset"], r["batch_size"], r["precision"]) == (preset, bs, precision)]
         row = {"switch": name, "preset": preset, "batch_size": bs, "precision": precision,
-               "images_per_s": bs / med(times)}
+               "images_per_s": bs / med(times), "ms_per_step_repeats": [round(1e3 * t, 3) for t in times]}
         if base:
             row["speedup_vs_plain"] = row["images_per_s"] / base[0]["images_per_s"]
         switches.append(row)
         log(f"switch {name} {preset} bs={bs} {precision}: {row['images_per_s']:.0f} img/s"
             + (f" (x{row['speedup_vs_plain']:.3f})" if base else ""))
-    del data
+        del data
     results["switches"] = switches
+    for row in pipeline:  # the fused pipeline against the fused bare step, where both were measured
+        twin = [r for r in switches if r["switch"] == "fused_adam" and row.get("fused_optimizer")
+                and (r["preset"], r["batch_size"], r["precision"]) == (row["preset"], row["batch_size"], row["precision"])]
+        if twin:
+            row["pipeline_vs_bare_fused"] = row["images_per_s"] / twin[0]["images_per_s"]
 
     # ---- one CelebA epoch, extrapolated
     epoch = {}

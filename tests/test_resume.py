@@ -477,3 +477,35 @@ def test_cuda_rng_state_is_the_current_devices_and_is_restored_on_each_ranks_dev
     calls.clear()
     runs.set_rng_state({**state, "cuda": [own, fresh, fresh]})  # an older checkpoint from a 3-GPU machine
     assert torch.equal(calls["current"], fresh) and "all" not in calls  # its cuda:1 entry, no IndexError
+
+
+def test_fused_optimizer_trains_within_rounding_and_resumes_exactly(tmp_path, splits, straight):
+    """train.fused_optimizer: Adam's update as one fused kernel. The run is the plain one up to float rounding,
+    the optimiser really is the fused one, and a fused run stopped mid-epoch resumes to its uninterrupted twin."""
+    seen = []
+
+    class Fused(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].defaults.get("fused"))
+
+    full = fit(tiny("train.fused_optimizer=true", policy="ar-ema"), tmp_path / "full", splits=splits,
+               progress=False, callbacks=[Fused()])
+    assert set(seen) == {True}
+    plain, fused = runs.read_jsonl(straight / "metrics.jsonl"), runs.read_jsonl(full / "metrics.jsonl")
+    train = [(a, b) for a, b in zip(plain, fused) if a["split"] == "train"]
+    assert len(train) == 20 and all(a["step"] == b["step"] for a, b in train)
+    for a, b in train:
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+    assert any(a["loss"] != b["loss"] for a, b in train)  # another kernel: rounding differs somewhere
+    stopped = fit(tiny("train.fused_optimizer=true", "train.max_steps=15", policy="ar-ema"), tmp_path / "run",
+                  splits=splits, progress=False)
+    resume(stopped, ["train.max_steps=null"], splits=splits, progress=False)
+    assert_identical(last(full), last(stopped))
+
+
+def test_compile_mode_is_a_checked_choice():
+    from arelbo.config import ConfigError
+
+    assert tiny("train.compile_mode=reduce-overhead").train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        tiny("train.compile_mode=fastest")

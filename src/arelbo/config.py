@@ -216,6 +216,7 @@ def _legacy_hint(section: str, key: str) -> str:
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("none", "cosine")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 ACCELERATORS = ("auto", "cpu", "gpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn")
@@ -246,6 +247,8 @@ class TrainConfig(Section):
     data_on_device: Optional[bool] = None  # copy in-memory data to the accelerator once (None: on GPUs, if it fits)
     channels_last: bool = False  # conv nets: channels-last memory format (often faster convolutions on GPUs)
     compile: bool = False  # torch.compile the encoder and decoder (pays a compile time at the start)
+    compile_mode: str = "default"  # with compile: default | reduce-overhead (CUDA graphs: fewer launches) | max-autotune
+    fused_optimizer: bool = False  # Adam/AdamW's update as one fused kernel (fewer launches; float-rounding differences)
     log_every_n_steps: int = 50  # training-step records in metrics.jsonl and TensorBoard
     checkpoint_every_n_epochs: int = 1  # write checkpoints/last.pt every N epochs (and always at the end)
     checkpoint_every_n_steps: Optional[int] = 1000  # also every N optimiser steps (a killed run loses < N); null: off
@@ -261,6 +264,7 @@ class TrainConfig(Section):
         self._choice("precision", PRECISIONS)
         self._choice("accelerator", ACCELERATORS)
         self._choice("strategy", STRATEGIES)
+        self._choice("compile_mode", COMPILE_MODES)
         self._positive("epochs", "lr", "devices", "log_every_n_steps", "checkpoint_every_n_epochs")
         self._positive("weight_decay", "warmup_steps", "num_workers", "n_samples", "kl_warmup_steps", allow_zero=True)
         self._positive("max_steps", "grad_clip", "checkpoint_every_n_steps", "skip_grad_norm")

@@ -75,8 +75,9 @@ class VAEModule(pl.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         if t.compile and not getattr(self, "_compiled", False):
             # compile the parts in place: parameter names (and so checkpoints) stay those of the plain model
+            mode = None if t.compile_mode == "default" else t.compile_mode
             for part in self.model.children():
-                part.compile()
+                part.compile(mode=mode)
             self._compiled = True
 
     def _on_device(self, data: Tensor) -> bool:
@@ -167,7 +168,8 @@ class VAEModule(pl.LightningModule):
     def configure_optimizers(self):
         t = self.cfg.train
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        optimizer = cls(self._param_groups(), lr=t.lr, betas=tuple(t.betas))
+        fused = {"fused": True} if t.fused_optimizer else {}  # else torch's default (foreach on GPUs)
+        optimizer = cls(self._param_groups(), lr=t.lr, betas=tuple(t.betas), **fused)
         if t.schedule == "none" and t.warmup_steps == 0:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
