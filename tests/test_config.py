@@ -127,7 +127,7 @@ def test_wrong_types():
 
 
 def test_bad_choices():
-    with pytest.raises(ConfigError, match="unknown; known: ar, ar-annealed, ar-diagonal"):
+    with pytest.raises(ConfigError, match="unknown; known: ar, ar-annealed, ar-conditional, ar-diagonal"):
         load_config(overrides=["objective.policy=ar-elbo"])
     with pytest.raises(ConfigError, match="train.precision '8' unknown; valid: 32, bf16-mixed, 16-mixed"):
         load_config(overrides=["train.precision='8'"])

@@ -76,6 +76,7 @@ class ModelConfig(Section):
     layout: str = "7:8,14:4"  # hvae only: the groups below the top one, RES:CHANNELS top to bottom (arelbo.models.hvae)
     width: int = 32  # hvae only: channels of the residual stream
     blocks: int = 1  # hvae only: residual blocks per group and per encoder resolution
+    variance_head: bool = False  # conv/mlp: the decoder also outputs log sigma^2(z) per element (ar-/learned-conditional)
 
     def validate(self) -> None:
         from arelbo.models import ARCHITECTURES
@@ -96,6 +97,11 @@ class ModelConfig(Section):
             raise ConfigError(f"model.hidden must be a non-empty list of positive widths, got {self.hidden}")
         if self.kernel_size < 1 or self.stride < 1:
             raise ConfigError("model.kernel_size and model.stride must be >= 1")
+        from arelbo.models.vae import VARIANCE_HEAD_ARCHITECTURES
+
+        if self.variance_head and self.arch not in VARIANCE_HEAD_ARCHITECTURES:
+            raise ConfigError(f"model.variance_head: the {self.arch!r} decoder has no variance head; use model.arch "
+                              f"{' or '.join(VARIANCE_HEAD_ARCHITECTURES)}")
         if self.arch == "hvae":
             from arelbo.models.hvae import parse_layout
 
@@ -310,6 +316,9 @@ class RunConfig:
         if self.data.batch_size < need:  # caught here, not at the first training step
             raise ConfigError(f"data.batch_size={self.data.batch_size}: objective.policy {self.objective.policy!r} "
                               f"estimates sigma2 from at least {need} samples per batch; use a larger batch")
+        if getattr(POLICIES.get(self.objective.policy), "needs_x_logvar", False) and not self.model.variance_head:
+            raise ConfigError(f"objective.policy {self.objective.policy!r} needs the decoder's log-variance: set "
+                              f"model.variance_head: true (--set model.variance_head=true)")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-able, weights_only-safe); ``from_dict(to_dict(c)) == c``."""

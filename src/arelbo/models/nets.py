@@ -7,9 +7,11 @@ encoder's input size (28x28, 64x64, or anything else), never a hard-coded size.
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import torch
 from torch import Tensor, nn
 
 ACTIVATIONS = {
@@ -53,6 +55,38 @@ def output_activation(name: str) -> nn.Module:
     if name not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"unknown output activation {name!r}; known: {', '.join(OUTPUT_ACTIVATIONS)}")
     return OUTPUT_ACTIVATIONS[name]()
+
+
+class DecoderOutput(NamedTuple):
+    """A decoder's mean f(z) and, with a variance head, log sigma^2(z) per element (else None); both x's shape."""
+
+    mean: Tensor
+    logvar: Tensor | None
+
+
+class VarianceHead(nn.Module):
+    """log sigma^2(z) per element from the decoder's last features: a twin of the mean's last layer (same shape),
+    starting at weight 0, bias 0 (sigma^2 = 1 everywhere; a policy may set the bias, :meth:`set_initial`).
+
+    ``detach_input``: cut the head's gradient from the shared features (set by the policy, not saved): a head
+    fitted by maximum likelihood to the residuals must not move the mean."""
+
+    def __init__(self, last_layer: nn.Module):
+        super().__init__()
+        self.layer = copy.deepcopy(last_layer)
+        with torch.no_grad():
+            self.layer.weight.zero_()
+            self.layer.bias.zero_()
+        self.detach_input = False
+
+    def set_initial(self, sigma2: float) -> None:
+        """sigma^2(z) = ``sigma2`` for every z: weight 0, bias log sigma2."""
+        with torch.no_grad():
+            self.layer.weight.zero_()
+            self.layer.bias.fill_(math.log(sigma2))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.layer(features.detach() if self.detach_input else features)
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -116,6 +150,7 @@ class ConvDecoder(nn.Module):
         norm: str = "none",
         activation: str = "relu",
         out_activation: str = "sigmoid",
+        variance_head: bool = False,
     ):
         super().__init__()
         c, h, w = shape
@@ -135,9 +170,18 @@ class ConvDecoder(nn.Module):
                 layers += [_norm2d(norm, widths[i]), _activation(activation)]
         layers.append(output_activation(out_activation))
         self.layers = nn.Sequential(*layers)
+        self.variance_head = VarianceHead(self.layers[-2]) if variance_head else None
 
     def forward(self, z: Tensor) -> Tensor:
         return self.layers(self.project(z).view(z.shape[0], *self.start_shape))
+
+    def decode(self, z: Tensor) -> DecoderOutput:
+        """Mean and (with a head) log-variance from one pass through the shared layers."""
+        h = self.project(z).view(z.shape[0], *self.start_shape)
+        if self.variance_head is None:
+            return DecoderOutput(self.layers(h), None)
+        features = self.layers[:-2](h)
+        return DecoderOutput(self.layers[-2:](features), self.variance_head(features))
 
 
 class MLPEncoder(nn.Module):
@@ -164,6 +208,7 @@ class MLPDecoder(nn.Module):
         norm="none",
         activation="relu",
         out_activation="sigmoid",
+        variance_head: bool = False,
     ):
         super().__init__()
         self.shape = tuple(shape)
@@ -173,6 +218,15 @@ class MLPDecoder(nn.Module):
             prev = width
         layers += [nn.Linear(prev, math.prod(shape)), output_activation(out_activation)]
         self.net = nn.Sequential(*layers)
+        self.variance_head = VarianceHead(self.net[-2]) if variance_head else None
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z).view(z.shape[0], *self.shape)
+
+    def decode(self, z: Tensor) -> DecoderOutput:
+        """Mean and (with a head) log-variance from one pass through the shared layers."""
+        if self.variance_head is None:
+            return DecoderOutput(self(z), None)
+        features = self.net[:-2](z)
+        shape = (z.shape[0], *self.shape)
+        return DecoderOutput(self.net[-2:](features).view(shape), self.variance_head(features).view(shape))

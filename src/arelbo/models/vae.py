@@ -6,16 +6,25 @@ every model of the package keeps (see :mod:`arelbo.models.outputs`)."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from arelbo.models.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from arelbo.models.nets import ConvDecoder, ConvEncoder, DecoderOutput, MLPDecoder, MLPEncoder
 from arelbo.models.outputs import LOG_2PI, LatentGroup, ModelOutput, Noise, Posterior, gaussian_kl, upcast
 from arelbo.models.priors import Prior, StandardPrior, make_prior
 
 VAEOutput = ModelOutput  # the flat VAE's output is the common one (one latent group)
+
+
+class WeightedDraws(NamedTuple):
+    """k draws z ~ q(z|x) for importance sampling: decoder means (k, B, *x's shape), log p(z) - log q(z|x) (k, B)
+    in float64, and the decoder's log-variance at each draw (k, B, *x's shape)."""
+
+    x_hat: Tensor
+    log_ratio: Tensor
+    x_logvar: Tensor
 
 
 class VAE(nn.Module):
@@ -64,6 +73,17 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(z)
 
+    @property
+    def variance_head(self) -> nn.Module | None:
+        """The decoder's log-variance head (``model.variance_head: true``), or None."""
+        return getattr(self.decoder, "variance_head", None)
+
+    def decode_with_logvar(self, z: Tensor) -> DecoderOutput:
+        """The decoder mean and its log sigma^2(z) per element (None without a variance head), one shared pass."""
+        if self.variance_head is None:
+            return DecoderOutput(self.decoder(z), None)
+        return self.decoder.decode(z)
+
     def decode_code(self, code: Tensor, noise: Noise | None = None, temperature: float = 1.0) -> Tensor:
         """The decoder mean from a sampler's code (B, code_dim); ``noise`` draws any latent group below the code,
         at ``temperature`` (the flat VAE has none: its code is all of z)."""
@@ -85,22 +105,30 @@ class VAE(nn.Module):
             rate = kl.sum(1)
         else:
             kl, rate = None, self.prior.rate(mu, logvar, z, self.encoder)
-        return ModelOutput(self.decode(z), rate, (LatentGroup("z", mu, logvar, z, rate, kl),))
+        decoded = self.decode_with_logvar(z)
+        return ModelOutput(decoded.mean, rate, (LatentGroup("z", mu, logvar, z, rate, kl),), decoded.logvar)
 
-    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None,
+                    variance: bool = False) -> tuple[Tensor, Tensor] | WeightedDraws:
         """For importance sampling: k draws z_k ~ q(z|x); returns the decoder means (k, B, *x's shape) and
-        log p(z_k) - log q(z_k|x) in float64, (k, B)."""
+        log p(z_k) - log q(z_k|x) in float64, (k, B); ``variance=True`` (a model with a variance head): the named
+        :class:`WeightedDraws`, with the decoder's log-variance at each z_k."""
         mu, logvar = self.encode(x)
         b, q = mu.shape
         gen_device = generator.device if generator is not None else mu.device
         eps = torch.randn((k, b, q), generator=generator, dtype=mu.dtype, device=gen_device).to(mu.device)
         z = mu + (0.5 * logvar).exp() * eps  # (k, B, q)
-        x_hat = self.decode(z.reshape(k * b, q)).reshape(k, *x.shape)
+        decoded = self.decode_with_logvar(z.reshape(k * b, q)) if variance else None
+        x_hat = (decoded.mean if variance else self.decode(z.reshape(k * b, q))).reshape(k, *x.shape)
         if self.prior.closed_form_kl:
             log_pz = -0.5 * (z.double().pow(2).sum(-1) + q * LOG_2PI)
         else:
             log_pz = self.log_prior(z.reshape(-1, q)).reshape(k, b).double()
         log_qz = -0.5 * (eps.double().pow(2).sum(2) + logvar.double().sum(1) + q * LOG_2PI)
+        if variance:
+            if decoded.logvar is None:
+                raise ValueError("this model's decoder has no variance head (set model.variance_head: true)")
+            return WeightedDraws(x_hat, log_pz - log_qz, decoded.logvar.reshape(k, *x.shape))
         return x_hat, log_pz - log_qz
 
     def rate(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor | None:
@@ -172,14 +200,16 @@ class LinearVAE(VAE):
 def _conv(cfg, shape) -> VAE:
     common = dict(kernel_size=cfg.kernel_size, stride=cfg.stride, norm=cfg.norm, activation=cfg.activation)
     enc = ConvEncoder(shape, cfg.latent_dim, cfg.hidden, **common)
-    dec = ConvDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation, **common)
+    dec = ConvDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation,
+                      variance_head=getattr(cfg, "variance_head", False), **common)
     return VAE(enc, dec, cfg.latent_dim, shape, _prior(cfg, shape))
 
 
 def _mlp(cfg, shape) -> VAE:
     common = dict(norm=cfg.norm, activation=cfg.activation)
     enc = MLPEncoder(shape, cfg.latent_dim, cfg.hidden, **common)
-    dec = MLPDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation, **common)
+    dec = MLPDecoder(shape, cfg.latent_dim, cfg.hidden, out_activation=cfg.out_activation,
+                     variance_head=getattr(cfg, "variance_head", False), **common)
     return VAE(enc, dec, cfg.latent_dim, shape, _prior(cfg, shape))
 
 
@@ -200,6 +230,7 @@ def _hvae(cfg, shape) -> nn.Module:
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"conv": _conv, "mlp": _mlp, "linear": _linear, "hvae": _hvae}
+VARIANCE_HEAD_ARCHITECTURES = ("conv", "mlp")  # decoders with a log-variance head (model.variance_head: true)
 
 
 def build_model(cfg, shape: Sequence[int]) -> nn.Module:
@@ -209,4 +240,7 @@ def build_model(cfg, shape: Sequence[int]) -> nn.Module:
         raise ValueError(f"unknown architecture {cfg.arch!r}; known: {', '.join(ARCHITECTURES)}")
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"data shape must be (C, H, W) with positive sizes, got {tuple(shape)}")
+    if getattr(cfg, "variance_head", False) and cfg.arch not in VARIANCE_HEAD_ARCHITECTURES:
+        raise ValueError(f"model.variance_head: the {cfg.arch!r} decoder has no variance head; use arch "
+                         f"{' or '.join(VARIANCE_HEAD_ARCHITECTURES)}")
     return ARCHITECTURES[cfg.arch](cfg, tuple(shape))

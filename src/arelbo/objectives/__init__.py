@@ -48,6 +48,7 @@ from arelbo.objectives.base import (
 from arelbo.objectives.given import Beta, Fixed  # imported in registration order: the order policies are listed
 from arelbo.objectives.learned import Learned
 from arelbo.objectives.estimated import AR, AREMA, ARAnnealed, ARDiagonal, ARPerSample
+from arelbo.objectives.conditional import ARConditional, LearnedConditional
 from arelbo.objectives.loss import GaussianVAELoss
 
 __all__ = [
@@ -72,4 +73,6 @@ __all__ = [
     "ARPerSample",
     "AREMA",
     "ARAnnealed",
+    "ARConditional",
+    "LearnedConditional",
 ]

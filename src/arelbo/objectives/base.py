@@ -48,7 +48,7 @@ class LossOutput:
     distortion: Tensor  # (B,) squared error ||x - x_hat||^2 summed over the D elements
     rate: Tensor  # (B,) KL(q(z|x) || p(z)) in nats (a Monte-Carlo estimate when it was given to the loss)
     kl_per_dim: Tensor  # (q,) batch mean of the KL of each latent dimension; NaN when the rate was given
-    sigma2: Tensor  # the decoder variance used, detached: shape (), (D,) or (B,)
+    sigma2: Tensor  # the decoder variance used, detached: shape (), (D,), (B,) or (B, D) (conditional: sigma2(z))
     neg_elbo: Tensor  # scalar: batch mean of -ELBO in nats, all constants included
     bits_per_dim: Tensor  # scalar: neg_elbo / (D ln 2), for the data on the scale it was given
     num_elements: int  # D
@@ -140,8 +140,8 @@ def global_sums(*tensors: Tensor, group=None, enabled: bool = True) -> list[Tens
 
 class HeldOutSigma2(NamedTuple):
     """The sigma2 a policy's -ELBO uses on a held-out split: ``value`` (a float64 CPU tensor of shape () or (D,),
-    or None for one value per example), ``kind`` ("isotropic", "diagonal" or "per-sample") and ``source`` (a
-    description for reports)."""
+    or None for one value per example or the model's own sigma2(z)), ``kind`` ("isotropic", "diagonal",
+    "per-sample" or "conditional": the decoder's log-variance output) and ``source`` (a description for reports)."""
 
     value: Tensor | None
     kind: str
@@ -183,6 +183,8 @@ class DecoderVariance(nn.Module):
     stationary: ClassVar[bool] = True  # False: the objective changes from call to call (running state)
     sigma2_kind: ClassVar[str] = "estimated"  # "estimated" from the data (ar-type), "given" or "learned"
     min_batch: ClassVar[int] = 1  # the smallest training batch (global) its sigma2 is defined on
+    # True: sigma2 is the decoder's own output sigma2(z) (ModelOutput.x_logvar), given to ``sigma2(sq_err, x_logvar)``
+    needs_x_logvar: ClassVar[bool] = False
     # Where the ar* policies all-reduce their statistics (set through GaussianVAELoss): the process group
     # (None: the default group) and whether to all-reduce at all.
     process_group = None
@@ -205,6 +207,14 @@ class DecoderVariance(nn.Module):
 
     def optimizer_options(self) -> dict:
         """Optimiser options (e.g. ``{"lr": 1e-2}``) for this policy's own parameters; {}: the trainer's."""
+        return {}
+
+    def attach(self, model) -> None:
+        """Bind the policy to the model it is about to train (once, before training; a resumed state is loaded
+        over what it sets). Default: nothing; the conditional policies set up the decoder's variance head."""
+
+    def head_optimizer_options(self) -> dict:
+        """Optimiser options for the model's variance head (``model.variance_head``); {}: the model's."""
         return {}
 
     def mle_sigma2(self, sq_err: Tensor) -> Optional[Tensor]:

@@ -28,7 +28,9 @@ class GaussianVAELoss(nn.Module):
 
     Args:
         policy: a registered name (``"ar"`` default, ``"fixed"``, ``"beta"``, ``"learned"``, ``"ar-diagonal"``,
-            ``"ar-per-sample"``, ``"ar-ema"``, ``"ar-annealed"``) or a :class:`DecoderVariance` instance.
+            ``"ar-per-sample"``, ``"ar-ema"``, ``"ar-annealed"``, ``"ar-conditional"``, ``"learned-conditional"``)
+            or a :class:`DecoderVariance` instance. The conditional ones read the decoder's log-variance
+            (``ModelOutput.x_logvar``); call :meth:`attach` with the model before training.
         sigma2_floor: numerical floor on sigma2 (near-perfect reconstruction would send log sigma2 to -inf).
         check_finite: what to do when the loss comes out NaN or inf (a NaN/inf anywhere in x, x_hat, mu or
             logvar makes it so). ``"auto"`` (default): raise :class:`NonFiniteError`, naming the input at fault,
@@ -87,8 +89,14 @@ class GaussianVAELoss(nn.Module):
     def policy_name(self) -> str:
         return self.policy.name
 
+    def attach(self, model) -> "GaussianVAELoss":
+        """Bind the policy to the model it trains, once before training (the conditional policies set up the
+        decoder's variance head: its initial value, whether its gradient reaches the shared features)."""
+        self.policy.attach(model)
+        return self
+
     def forward(self, x: Tensor, x_hat: Tensor | ModelOutput, mu: Tensor | None = None, logvar: Tensor | None = None,
-                rate: Tensor | None = None) -> LossOutput:
+                rate: Tensor | None = None, x_logvar: Tensor | None = None) -> LossOutput:
         """The loss of a batch x (B, ...), floating point.
 
         ``loss_fn(x, model(x))``: ``x_hat`` is a model's :class:`~arelbo.models.ModelOutput`; its decoder mean,
@@ -96,19 +104,20 @@ class GaussianVAELoss(nn.Module):
 
         ``loss_fn(x, x_hat, mu, logvar)``: any encoder/decoder pair: ``x_hat`` the decoder mean (x's shape),
         ``mu`` and ``logvar`` (B, q); ``rate`` a precomputed (B,) KL(q(z|x) || p(z)) for a prior other than
-        N(0, I) (e.g. a Monte-Carlo estimate); None (default): the closed-form KL to N(0, I).
+        N(0, I) (e.g. a Monte-Carlo estimate); None (default): the closed-form KL to N(0, I); ``x_logvar`` the
+        decoder's log-variance per element (x's shape) for the conditional policies.
         """
         if isinstance(x_hat, ModelOutput):
-            if mu is not None or logvar is not None or rate is not None:
-                raise ValueError("with a model's output, pass no mu, logvar or rate: the output carries them")
+            if mu is not None or logvar is not None or rate is not None or x_logvar is not None:
+                raise ValueError("with a model's output, pass no mu, logvar, rate or x_logvar: the output carries them")
             return self._from_output(x, x_hat)
         if mu is None or logvar is None:
             raise ValueError("give the posterior's mu and logvar with a decoder mean, or pass the model's output: "
                              "loss_fn(x, model(x))")
         self._check_pair(x, x_hat)
         diff = upcast(x.flatten(1)) - upcast(x_hat.flatten(1))
-        out = self._compute(diff * diff, *self._rate(diff.shape[0], mu, logvar, rate))
-        given = {} if rate is None else {"rate": rate}
+        out = self._compute(diff * diff, *self._rate(diff.shape[0], mu, logvar, rate), x_logvar=x_logvar)
+        given = {**({} if rate is None else {"rate": rate}), **({} if x_logvar is None else {"x_logvar": x_logvar})}
         return self._checked(out, x=x, x_hat=x_hat, mu=mu, logvar=logvar, **given)
 
     def from_sq_err(self, sq_err: Tensor, mu: Tensor, logvar: Tensor, rate: Tensor | None = None) -> LossOutput:
@@ -132,8 +141,9 @@ class GaussianVAELoss(nn.Module):
             kl_per_dim = torch.full((units,), float("nan"), dtype=upcast(rate).dtype, device=rate.device)
         else:
             kl_per_dim = kl.mean(0)
-        out = self._compute(diff * diff, upcast(rate), kl_per_dim)
-        return self._checked(out, x=x, x_hat=output.x_hat, rate=rate,
+        out = self._compute(diff * diff, upcast(rate), kl_per_dim, x_logvar=output.x_logvar)
+        given = {} if output.x_logvar is None else {"x_logvar": output.x_logvar}
+        return self._checked(out, x=x, x_hat=output.x_hat, rate=rate, **given,
                              **{f"{g.name}.mu": g.mu for g in output.groups},
                              **{f"{g.name}.logvar": g.logvar for g in output.groups})
 
@@ -167,12 +177,19 @@ class GaussianVAELoss(nn.Module):
         rate = upcast(rate)
         return rate, torch.full((mu.shape[1],), float("nan"), dtype=rate.dtype, device=rate.device)
 
-    def _compute(self, sq_err: Tensor, rate: Tensor, kl_per_dim: Tensor) -> LossOutput:
+    def _compute(self, sq_err: Tensor, rate: Tensor, kl_per_dim: Tensor, x_logvar: Tensor | None = None) -> LossOutput:
         self._check_sq_err(sq_err)
         if sq_err.shape[0] == 0:
             raise ValueError("empty batch (B = 0): the loss is a mean over the batch and needs at least one sample")
         check_float(sq_err=sq_err)
-        sigma2 = self.policy.sigma2(sq_err)
+        if self.policy.needs_x_logvar:  # sigma2(z): the decoder's own output
+            if x_logvar is None:
+                raise ValueError(f"policy {self.policy.name!r} needs the decoder's log-variance, and the model gives "
+                                 "none: set model.variance_head: true (conv or mlp)")
+            check_float(x_logvar=x_logvar)
+            sigma2 = self.policy.sigma2(sq_err, upcast(x_logvar))
+        else:
+            sigma2 = self.policy.sigma2(sq_err)
         # a KL warm-up weighs the rate in the loss only; the reported -ELBO is always the full one
         loss = self.policy.loss(sq_err, rate if self.kl_weight == 1.0 else rate * self.kl_weight, sigma2)
         with torch.no_grad():

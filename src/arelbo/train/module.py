@@ -36,6 +36,7 @@ class VAEModule(pl.LightningModule):
         self.model = build_model(cfg.model, self.data_shape)
         # the trainer guards the loss itself (one check per step), so the per-call input checks are off
         self.loss_fn = cfg.objective.build(check_finite=False)
+        self.loss_fn.attach(self.model)  # e.g. the variance head's initial value (a resume loads over it)
         self.splits = splits
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.num_elements = math.prod(self.data_shape)
@@ -153,8 +154,14 @@ class VAEModule(pl.LightningModule):
         put the config back into a restored one on resume)."""
         t = self.cfg.train
         prior_ids = {id(p) for p in self.model.prior.parameters()}
-        decay = [p for p in self.model.parameters() if p.requires_grad and id(p) not in prior_ids]
+        head = getattr(self.model, "variance_head", None)
+        head_params = [] if head is None else [p for p in head.parameters() if p.requires_grad]
+        own = prior_ids | {id(p) for p in head_params}
+        decay = [p for p in self.model.parameters() if p.requires_grad and id(p) not in own]
         groups = [{"params": decay, "lr": t.lr, "weight_decay": t.weight_decay}]
+        if head_params:  # the decoder's variance head: the policy may give it its own learning rate
+            groups.append({"params": head_params, "lr": t.lr, "weight_decay": t.weight_decay,
+                           **self.loss_fn.policy.head_optimizer_options()})
         # a learnable prior's parameters: never weight-decayed (decay would pull the prior towards a point mass at 0)
         prior_params = [p for p in self.model.prior.parameters() if p.requires_grad]
         if prior_params:
@@ -403,7 +410,8 @@ class VAEModule(pl.LightningModule):
         # the policy's own held-out rule, the one ``arelbo eval`` applies to the test split
         res = acc.result(self.loss_fn.policy)
         nelbo = res.neg_elbo
-        s2 = acc.per_sample_sigma2_mean if res.sigma2 is None else res.sigma2_mean
+        per_sample = res.sigma2 is None and not self.loss_fn.policy.needs_x_logvar  # sigma2(z): its mean
+        s2 = acc.per_sample_sigma2_mean if per_sample else res.sigma2_mean
         distortion, kl = res.distortion, res.rate
         sums = {"mu": mu_sums[0], "mu2": mu_sums[1]}
         var_mu = (sums["mu2"] / n - (sums["mu"] / n).pow(2)).clamp_min(0)
