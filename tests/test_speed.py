@@ -94,7 +94,8 @@ def _records(run_dir, split):
 def test_loss_and_sigma2_statistics_are_float32_under_bf16_autocast(policy):
     from arelbo.models import build_model
 
-    cfg = tiny_conv()
+    conditional = POLICIES[policy].needs_x_logvar  # sigma2(z) from the decoder's variance head
+    cfg = tiny_conv(*(["model.variance_head=true"] if conditional else []))
     torch.manual_seed(0)
     model = build_model(cfg.model, (3, 8, 8))
     loss_fn = GaussianVAELoss(policy, check_finite=False)
@@ -102,13 +103,14 @@ def test_loss_and_sigma2_statistics_are_float32_under_bf16_autocast(policy):
     x = torch.rand(16, 3, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-        res = loss_fn(x, out.x_hat, out.mu, out.logvar)
+        res = loss_fn(x, out.x_hat, out.mu, out.logvar, x_logvar=out.x_logvar)
     assert out.x_hat.dtype == torch.bfloat16 and out.mu.dtype == torch.bfloat16  # the network did run in bf16
     for name in ("loss", "distortion", "rate", "kl_per_dim", "sigma2", "neg_elbo", "bits_per_dim"):
         assert getattr(res, name).dtype == torch.float32, name
     # the same float32 arithmetic as outside autocast on the upcast network outputs: nothing inside the loss is
     # lowered to bf16
-    expected = ref(x, out.x_hat.float(), out.mu.float(), out.logvar.float())
+    expected = ref(x, out.x_hat.float(), out.mu.float(), out.logvar.float(),
+                   x_logvar=None if out.x_logvar is None else out.x_logvar.float())
     for name in ("loss", "distortion", "rate", "sigma2", "neg_elbo"):
         assert torch.equal(getattr(res, name), getattr(expected, name)), name
 

@@ -20,7 +20,7 @@ class Likelihood:
     elbo_policy: Any  # ELBOResult
     elbo_ar: Any
     sigma2_diag: Any
-    density_sigma2: Any  # the sigma2 the IS-NLL (and exact NLL) use
+    density_sigma2: Any  # the sigma2 the IS-NLL (and exact NLL) use: a tensor, or OwnVariance (the model's sigma2(z))
     is_density: bool
     density_note: str | None
     is_note: str | None
@@ -35,7 +35,7 @@ def likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
 
     from arelbo.data import make_loader
     from arelbo.metrics.collapse import iterate_batches
-    from arelbo.metrics.likelihood import importance_sampled_nll_dataset, linear_vae_exact_nll
+    from arelbo.metrics.likelihood import OwnVariance, importance_sampled_nll_dataset, linear_vae_exact_nll
 
     model, loss_fn, device = run.model, run.loss_fn, run.device
     acc, val_acc, d, n_eval = enc.acc, enc.val_acc, enc.num_elements, enc.num_examples
@@ -45,7 +45,7 @@ def likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
     fitted_on = "the evaluation split itself" if c.split == "val" else "the validation split"
     held = policy.held_out_sigma2(val_acc)  # a data-estimated rule is fitted on the validation split
     common = val_acc.ar_sigma2().clamp_min(floor)
-    if held.kind == "per-sample":  # each example of the scored split at its own MLE
+    if held.value is None:  # per example (its own MLE) or the model's own sigma2(z): from the scored split's sums
         elbo_policy = acc.result(loss_fn)
     else:
         source = (held.source if policy.sigma2_kind != "estimated"
@@ -53,7 +53,8 @@ def likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
         elbo_policy = acc.result(held.value, source=source)
     elbo_ar = acc.result(common, source=f"common rule for every policy: isotropic MLE fitted on {fitted_on}")
     sigma2_diag = acc.ar_sigma2(diagonal=True)
-    value = policy.density_sigma2(val_acc).value
+    density = policy.density_sigma2(val_acc)
+    value = OwnVariance(floor) if density.kind == "conditional" else density.value
     is_density, is_note, density_note = policy.is_density, None, None
     if not is_density:
         density_note = (f"policy {policy_name}'s sigma2 defines no single density: this -ELBO is not a likelihood "
@@ -63,7 +64,7 @@ def likelihood(run: Loaded, enc: Encoded, c, progress) -> Likelihood:
     is_res = None
     if n_is > 0:
         is_loader = make_loader(run.score_data[:n_is], max(1, min(c.batch_size, 100)), shuffle=False)
-        is_res = importance_sampled_nll_dataset(model, is_loader, value.to(device), c.k, generator(c.seed, "is-nll"),
+        is_res = importance_sampled_nll_dataset(model, is_loader, value if density.value is None else value.to(device), c.k, generator(c.seed, "is-nll"),
                                                 progress=progress and f"eval: IS-NLL (K={c.k})")
     exact = None
     # -log N(x; b, W W^T + sigma2) is the marginal of a linear decoder under the N(0, I) prior only: a learnable

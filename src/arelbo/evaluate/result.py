@@ -38,6 +38,13 @@ def group_diagnostics(enc: Encoded, au, kl_per_group: dict, smooth) -> list[dict
     return out
 
 
+def _is_sigma2(value, elbo_policy) -> dict:
+    """The IS-NLL's sigma2: a value's kind and mean, or the model's own sigma2(z) (its mean over the -ELBO pass)."""
+    if not hasattr(value, "dim"):  # OwnVariance: the decoder's sigma2(z) at each draw
+        return {"sigma2_kind": "conditional", "sigma2_mean": elbo_policy.sigma2_mean}
+    return {"sigma2_kind": "isotropic" if value.dim() == 0 else "diagonal", "sigma2_mean": float(value.mean())}
+
+
 def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp: Samples, c,
              timings: dict) -> dict[str, Any]:
     """The metrics.json dict of the stages' results."""
@@ -86,8 +93,7 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
         "sigma2_val": float(val_acc.ar_sigma2()),
         "neg_elbo": {**elbo_policy.to_dict(), "is_density": is_density, "note": density_note},
         "neg_elbo_ar": elbo_ar.to_dict(),
-        "is_nll": None if is_res is None else {**is_res.to_dict(), "sigma2_kind": "isotropic" if value.dim() == 0 else "diagonal",
-                                                 "sigma2_mean": float(value.mean()), "note": is_note},
+        "is_nll": None if is_res is None else {**is_res.to_dict(), **_is_sigma2(value, elbo_policy), "note": is_note},
         "exact_nll": exact,
         "mse": mse_sum / (n_eval * d),
         "distortion": elbo_policy.distortion,
@@ -165,7 +171,7 @@ def metrics_dict(run: Loaded, enc: Encoded, col: Collapse, lik: Likelihood, smp:
                            "normalised": "times std(mu_j) over the same examples (invariant to rescaling z_j)"},
             "mi_per_dim": {"num_examples": n_eval, "estimator": "1/2 log(Var(mu_j) + E s_j^2) - 1/2 E log s_j^2: "
                            "exact for a Gaussian aggregate posterior of z_j, else an upper bound; not capped at log N"},
-            "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": float(value.mean())},
+            "is_nll": {"k": k, "num_examples": n_is, "sigma2_mean": _is_sigma2(value, elbo_policy)["sigma2_mean"]},
             "samplers": sampler_results,
             "sampler_code": (f"the latent vector ({q} units)" if len(enc.groups) == 1 else
                              f"the top group {next(iter(enc.groups))} ({run.model.code_dim} units); every group below "

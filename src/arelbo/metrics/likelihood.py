@@ -10,7 +10,8 @@ so one pass that accumulates S_d, the KL per dimension and (for the per-sample r
 squared error gives the -ELBO at *any* sigma2 afterwards, including the ar-type maximum-likelihood values that
 depend on the whole set: ``ar`` (and ``ar-ema``) sigma2 = sum_d S_d / (N D), where the -ELBO becomes
 (D/2)(log(2 pi sigma2) + 1) + KL; ``ar-diagonal`` sigma2_d = S_d / N; ``ar-per-sample`` sigma2_n = ||x_n - f||^2 / D.
-Fixed, beta and learned policies use their own sigma2. Which rule a policy uses is the policy's own
+Fixed, beta and learned policies use their own sigma2; the conditional ones (a decoder with a variance head) the
+model's own sigma2(z) per element, summed in the same pass (and, for the IS-NLL, :class:`OwnVariance`). Which rule a policy uses is the policy's own
 :meth:`~arelbo.objectives.DecoderVariance.held_out_sigma2`. That is :class:`ELBOAccumulator`; no second pass is
 needed, and training validation uses the same accumulator (its sums all-reduced across processes).
 
@@ -49,6 +50,7 @@ __all__ = [
     "linear_vae_exact_nll",
     "bits_per_dim",
     "resolve_sigma2",
+    "OwnVariance",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -96,6 +98,9 @@ class ELBOAccumulator:
         self.sq_err_sum: Tensor | None = None  # (D,) S_d
         self.kl_sum: Tensor | None = None  # (q,) summed over examples, every unit of every group
         self._per_sample: Tensor | None = None  # (3,): sums over n of log sigma2_n, data term, sigma2_n
+        # (2,): sums over n, d of the model's own sigma2(z) term r^2 / (2 s) + log(2 pi s) / 2 and of s (floored)
+        self._conditional: Tensor | None = None
+        self.has_x_logvar: bool | None = None  # whether the model's outputs carried a log-variance (x_logvar)
         self.rate_given: bool | None = None  # True: per-example rates were given (no closed-form KL per dimension)
         self._rate_sum: Tensor | None = None  # (1,) sum_n rate_n of the given rates (zero otherwise)
         self._group_rate_sum: Tensor | None = None  # (groups,) sum_n of each group's rate
@@ -127,9 +132,10 @@ class ELBOAccumulator:
         else:
             kl = torch.zeros(sq.shape[0], sum(g.num_units for g in output.groups), dtype=torch.float64, device=sq.device)
             rate = output.rate.detach().double().to(sq.device)
-        self._add(sq, kl, rate, group_rates, tuple(g.name for g in output.groups))
+        self._add(sq, kl, rate, group_rates, tuple(g.name for g in output.groups), getattr(output, "x_logvar", None))
 
-    def _add(self, sq: Tensor, kl: Tensor, rate: Tensor | None, group_rates: Tensor, names: tuple[str, ...]) -> None:
+    def _add(self, sq: Tensor, kl: Tensor, rate: Tensor | None, group_rates: Tensor, names: tuple[str, ...],
+             x_logvar: Tensor | None = None) -> None:
         if self.rate_given is not None and self.rate_given != (rate is not None):
             raise ValueError("give the rate for every batch or for none")
         if rate is not None:
@@ -139,15 +145,22 @@ class ELBOAccumulator:
         per = sq.sum(1)
         s2 = (per / sq.shape[1]).clamp_min(self.per_sample_floor)  # the per-sample MLE, floored
         per_sample = torch.stack([s2.log().sum(), (per / (2 * s2)).sum(), s2.sum()])
+        conditional = sq.new_zeros(2)
+        if x_logvar is not None:  # the decoder's own sigma2(z), per element, floored as in training
+            s = x_logvar.detach().double().flatten(1).to(sq.device).exp().clamp_min(self.per_sample_floor)
+            conditional = torch.stack([(sq / (2 * s) + 0.5 * (LOG_2PI + s.log())).sum(), s.sum()])
+        self.has_x_logvar = x_logvar is not None
         if self.sq_err_sum is None:
             self.sq_err_sum, self.kl_sum, self._per_sample = sq.sum(0), kl.sum(0), per_sample
             self._rate_sum, self._group_rate_sum, self.group_names = rate_sum, group_rates.sum(0), names
+            self._conditional = conditional
         else:
             self.sq_err_sum += sq.sum(0)
             self.kl_sum += kl.sum(0)
             self._per_sample += per_sample
             self._rate_sum += rate_sum
             self._group_rate_sum += group_rates.sum(0)
+            self._conditional += conditional
         self.num_examples += sq.shape[0]
 
     def start_empty(self, num_elements: int, num_units: int, group_names: tuple[str, ...], rate_given: bool,
@@ -158,17 +171,19 @@ class ELBOAccumulator:
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
         self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum = z(num_elements), z(num_units), z(3), z(1)
         self._group_rate_sum, self.group_names, self.rate_given = z(len(group_names)), tuple(group_names), rate_given
+        self._conditional = z(2)
 
     def reduce(self, all_reduce) -> None:
         """Replace the sums by their totals over processes: ``all_reduce(flat_float64_tensor) -> summed``."""
         self._check()
         parts = [self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum, self._group_rate_sum,
-                 self.sq_err_sum.new_tensor([float(self.num_examples)])]
+                 self.sq_err_sum.new_tensor([float(self.num_examples)]), self._conditional]
         sizes = [p.numel() for p in parts]
         flat = all_reduce(torch.cat([p.reshape(-1) for p in parts]))
         pieces = [piece.clone() for piece in torch.split(flat, sizes)]
         self.sq_err_sum, self.kl_sum, self._per_sample, self._rate_sum, self._group_rate_sum = pieces[:5]
         self.num_examples = int(round(float(pieces[5][0])))
+        self._conditional = pieces[6]
 
     @property
     def per_sample_log_sigma2_sum(self) -> float:
@@ -209,7 +224,12 @@ class ELBOAccumulator:
         kl_mean = self.kl_sum.cpu() / n
         rate = float(self._rate_sum.cpu()[0]) / n if self.rate_given else float(kl_mean.sum())
         value, kind, auto_source = resolve_sigma2(sigma2, self, floor)
-        if kind == "per-sample":
+        if kind == "conditional":  # the model's own sigma2(z) per element and example
+            if self.has_x_logvar is False:
+                raise ValueError("the -ELBO at the model's own sigma2(z) needs outputs with x_logvar (a variance head)")
+            data = float(self._conditional[0].cpu()) / n
+            sigma2_out, sigma2_mean = None, float(self._conditional[1].cpu()) / (n * d)
+        elif kind == "per-sample":
             data = (self.per_sample_data_sum + 0.5 * d * (n * LOG_2PI + self.per_sample_log_sigma2_sum)) / n
             sigma2_out, sigma2_mean = None, math.exp(self.per_sample_log_sigma2_sum / n)  # geometric mean
         elif kind == "isotropic":
@@ -332,6 +352,8 @@ def importance_sampled_nll(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if isinstance(sigma2, OwnVariance):
+        return _own_variance_nll(model, x, sigma2.floor, k, generator, k_chunk, max_elements)
     with torch.inference_mode():
         b = x.shape[0]
         x_flat = x.flatten(1).double()
@@ -350,6 +372,35 @@ def importance_sampled_nll(
             data = (resid2 / s).sum(2) if s.dim() == 1 else resid2.sum(2) / s.reshape(-1)
             log_px = const - 0.5 * data  # (kc, B)
             chunk = torch.logsumexp(log_px + log_prior_ratio, dim=0)
+            running = chunk if running is None else torch.logaddexp(running, chunk)
+            done += kc
+        return -(running - math.log(k))
+
+
+@dataclass(frozen=True)
+class OwnVariance:
+    """The ``sigma2`` of :func:`importance_sampled_nll` for a decoder with a variance head: at each draw z_k the
+    decoder's own sigma2(z_k) per element, floored at ``floor`` (as in training)."""
+
+    floor: float = 1e-6
+
+
+def _own_variance_nll(model, x: Tensor, floor: float, k: int, generator, k_chunk: int | None,
+                      max_elements: int) -> Tensor:
+    """:func:`importance_sampled_nll` with log p(x|z_k) = sum_d log N(x_d; f_d(z_k), sigma2_d(z_k))."""
+    with torch.inference_mode():
+        b = x.shape[0]
+        x_flat = x.flatten(1).double()
+        d = x_flat.shape[1]
+        k_chunk = k_chunk or max(1, min(k, max_elements // max(1, b * d)))
+        running, done = None, 0
+        while done < k:
+            kc = min(k_chunk, k - done)
+            draws = model.log_weights(x, kc, generator, variance=True)
+            s = draws.x_logvar.reshape(kc, b, d).double().exp().clamp_min(floor)
+            resid2 = (x_flat - draws.x_hat.reshape(kc, b, d).double()).pow(2)
+            log_px = -0.5 * (resid2 / s + s.log() + LOG_2PI).sum(2)  # (kc, B)
+            chunk = torch.logsumexp(log_px + draws.log_ratio, dim=0)
             running = chunk if running is None else torch.logaddexp(running, chunk)
             done += kc
         return -(running - math.log(k))
