@@ -264,3 +264,89 @@ def test_is_nll_with_the_models_variance_equals_the_isotropic_path_for_a_constan
     with_random_head(model)
     varied = importance_sampled_nll(model, x, OwnVariance(1e-6), k=7, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(varied, iso)
+
+
+# ---- training, resume, evaluation and studies through the pipeline ----------------------------------------------
+
+N_TRAIN, BATCH = 320, 32  # 10 steps per epoch
+
+
+def tiny(*extra, policy="ar-conditional"):
+    pytest.importorskip("lightning")
+    from arelbo.config import load_config
+
+    return load_config("linear-gaussian", overrides=[
+        f"objective.policy={policy}", "model.variance_head=true", "model.arch=mlp", "model.hidden=[16]",
+        "model.latent_dim=3", "model.out_activation=none",
+        f"data.options={{n_train: {N_TRAIN}, n_val: 96, n_test: 32, eigenvalues: [3, 2, 1, 0.5, 0.2, 0.1]}}",
+        f"data.batch_size={BATCH}", "data.eval_batch_size=40", "train.schedule=none", "train.epochs=2",
+        "train.log_every_n_steps=1", "train.n_samples=0", *extra])
+
+
+@pytest.mark.parametrize("policy, extra", [
+    ("ar-conditional", ()),
+    ("learned-conditional", ("objective.options.init_sigma2=0.5", "objective.options.log_sigma2_lr=0.02")),
+])
+def test_conditional_policies_train_record_their_options_and_resume_exactly(tmp_path, policy, extra):
+    from arelbo import runs
+    from arelbo.train import fit, resume
+
+    straight = fit(tiny(*extra, policy=policy), tmp_path / "straight", progress=False)
+    split = fit(tiny(*extra, "train.epochs=1", policy=policy), tmp_path / "split", progress=False)
+    resume(split, ["train.epochs=2"], progress=False)
+    a = runs.load_checkpoint(runs.checkpoint_path(straight, "last"))
+    b = runs.load_checkpoint(runs.checkpoint_path(split, "last"))
+    assert a["global_step"] == b["global_step"] == 20 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert runs.read_jsonl(straight / "metrics.jsonl") == runs.read_jsonl(split / "metrics.jsonl")
+    cfg = a["config"]
+    assert cfg["model"]["variance_head"] is True and cfg["objective"]["sigma2_floor"] == 1e-6
+    groups = a["optimizer_states"][0]["param_groups"]
+    head_lr = 0.02 if policy == "learned-conditional" else cfg["train"]["lr"]
+    assert [g["lr"] for g in groups] == [cfg["train"]["lr"], head_lr]  # the model, then its variance head
+    records = runs.read_jsonl(straight / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    if policy == "learned-conditional":  # the first step's sigma2(z) is the initial value, everywhere
+        assert train[0]["sigma2"] == pytest.approx(0.5, rel=1e-6)
+    val = [r for r in records if r["split"] == "val"][-1]
+    assert math.isfinite(val["neg_elbo"]) and 0 < val["sigma2"] < 10
+
+
+def test_eval_scores_the_models_own_variance_and_dequantised_bits(tmp_path):
+    """`arelbo eval` on a tiny uint8 image run: the -ELBO and IS-NLL at sigma2(z), the common-rule -ELBO beside
+    them, and with --dequantize the discrete bits/dim of each."""
+    from arelbo.config import load_config
+    from arelbo.evaluate import evaluate_run
+    from arelbo.train import fit
+
+    pytest.importorskip("lightning")
+    images = (np.random.default_rng(1).random((240, 28, 28)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "tiny.npz", train=images[:200], val=images[200:220], test=images[220:])
+    cfg = load_config("mnist-mlp", overrides=[
+        "data.name=npz", f"data.root={tmp_path / 'tiny.npz'}", "data.options={}", "data.batch_size=50",
+        "model.latent_dim=3", "model.hidden=[16]", "train.epochs=1", "train.n_samples=0",
+        "objective.policy=ar-conditional", "model.variance_head=true"])
+    run = fit(cfg, tmp_path / "run", progress=False)
+    r = evaluate_run(run, samplers=None, k=4, is_examples=5, smoothness_examples=5, progress=False, write=False,
+                     dequantize=True)
+    lik, s, d = r["likelihood"], r["summary"], 784
+    assert "own sigma2(z)" in lik["neg_elbo"]["sigma2_source"] and lik["neg_elbo"]["is_density"]
+    assert lik["is_nll"]["sigma2_kind"] == "conditional" and lik["is_nll"]["sigma2_mean"] > 0
+    assert "common rule" in lik["neg_elbo_ar"]["sigma2_source"] and s["neg_elbo_ar"] != s["neg_elbo"]
+    for key in ("neg_elbo", "neg_elbo_ar", "is_nll"):
+        assert s[f"{key}_bpd_discrete"] == pytest.approx((s[key] + d * math.log(255)) / (d * math.log(2)), rel=1e-12)
+    assert s["is_nll"] <= s["neg_elbo"] + 5  # an importance-sampled bound, about the ELBO at K = 4
+
+
+def test_compare_accepts_the_conditional_policies_and_gives_them_a_variance_head(tmp_path):
+    from arelbo.study import plan_study
+
+    plan = plan_study(["ar", "ar-conditional", "learned-conditional:0.05,lr=0.01"], "0", tmp_path / "st",
+                      preset="linear-gaussian", overrides=["model.arch=mlp", "model.hidden=[16]"], epochs=1,
+                      steps_per_epoch=2)
+    by_name = {r.name: r for r in plan.runs}
+    assert set(by_name) == {"ar-s0", "ar-conditional-s0", "learned-conditional-0.05-lr0.01-s0"}
+    assert by_name["ar-s0"].config.model.variance_head is False
+    learned = by_name["learned-conditional-0.05-lr0.01-s0"].config
+    assert learned.model.variance_head and learned.objective.options == {"init_sigma2": 0.05, "log_sigma2_lr": 0.01}
+    assert by_name["ar-conditional-s0"].config.model.variance_head

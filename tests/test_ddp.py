@@ -23,7 +23,8 @@ SHAPE = (1, 8, 8)
 LATENT = 3
 STEPS = 2  # two SGD steps: the second checks that parameters (and the ar-ema state) stayed in sync
 POLICIES = [("ar", {}), ("ar-diagonal", {}), ("ar-ema", {"momentum": 0.5}), ("ar-per-sample", {}), ("fixed", {"sigma2": 0.3}),
-            ("ar-annealed", {"anneal_steps": 2, "anneal_from": 0.2})]  # step 0: the floor binds; step 1: the MLE
+            ("ar-annealed", {"anneal_steps": 2, "anneal_from": 0.2}),  # step 0: the floor binds; step 1: the MLE
+            ("ar-conditional", {}), ("learned-conditional", {"init_sigma2": 0.5})]  # sigma2(z): a variance head
 
 
 class _WithNoise(nn.Module):
@@ -35,12 +36,13 @@ class _WithNoise(nn.Module):
 
     def forward(self, x, eps):
         mu, logvar = self.vae.encode(x)
-        return self.vae.decode(mu + eps * (0.5 * logvar).exp()), mu, logvar
+        return self.vae.decode_with_logvar(mu + eps * (0.5 * logvar).exp()), mu, logvar
 
 
-def _model():
+def _model(name):
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="conv", latent_dim=LATENT, hidden=[4, 8], kernel_size=4, out_activation="sigmoid")
+    cfg = ModelConfig(arch="conv", latent_dim=LATENT, hidden=[4, 8], kernel_size=4, out_activation="sigmoid",
+                      variance_head=name.endswith("-conditional"))
     return _WithNoise(build_model(cfg, SHAPE)).double()
 
 
@@ -54,12 +56,13 @@ def _inputs():
 def _train(net, xs, eps, name, kwargs, rows=slice(None)):
     """STEPS SGD steps on the given rows of each batch; returns per step (sigma2, neg_elbo, loss, grads)."""
     loss_fn = GaussianVAELoss(name, **kwargs).double()
+    loss_fn.attach(getattr(net, "module", net).vae)  # e.g. a variance head's initial value (the same on every rank)
     record = []
     for step in range(STEPS):
         x = xs[step, rows]
         net.zero_grad(set_to_none=True)
-        x_hat, mu, logvar = net(x, eps[step, rows])
-        out = loss_fn(x, x_hat, mu, logvar)
+        decoded, mu, logvar = net(x, eps[step, rows])
+        out = loss_fn(x, decoded.mean, mu, logvar, x_logvar=decoded.logvar)
         out.loss.backward()
         grads = [p.grad.detach().clone() for p in net.parameters()]
         record.append((out.sigma2.clone(), out.neg_elbo.detach().clone(), grads))
@@ -97,7 +100,7 @@ def _worker(rank, port, path):
         rows = slice(rank * half, (rank + 1) * half)
         results = {}
         for name, kwargs in POLICIES:
-            net = DistributedDataParallel(_model())
+            net = DistributedDataParallel(_model(name))
             results[name] = _train(net, xs, eps, name, kwargs, rows)
         torch.save(results, f"{path}.{rank}")
 
@@ -118,12 +121,12 @@ def ddp_results(tmp_path_factory):
 @pytest.mark.parametrize("name, kwargs", POLICIES, ids=[p[0] for p in POLICIES])
 def test_ddp_equals_single_process_full_batch(ddp_results, name, kwargs):
     xs, eps = _inputs()
-    ref, ref_state = _train(_model(), xs, eps, name, kwargs)
+    ref, ref_state = _train(_model(name), xs, eps, name, kwargs)
     half = BATCH // WORLD
     for rank, results in enumerate(ddp_results):
         record, state = results[name]
         for step, ((s2, _neg_elbo, grads), (s2_ref, _neg_elbo_ref, grads_ref)) in enumerate(zip(record, ref)):
-            if name == "ar-per-sample":  # local by design: each rank holds its own samples' variances
+            if s2_ref.shape[:1] == (BATCH,):  # per sample (ar-per-sample, sigma2(z)): local by design, each rank its own
                 s2_ref = s2_ref[rank * half : (rank + 1) * half]
             torch.testing.assert_close(s2, s2_ref, rtol=1e-13, atol=0, msg=f"{name} rank {rank} step {step} sigma2")
             for g, g_ref in zip(grads, grads_ref):

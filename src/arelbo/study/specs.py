@@ -45,9 +45,14 @@ class PolicySpec:
     sigma2_kind: str = "estimated"  # the policy's DecoderVariance.sigma2_kind: "estimated", "given" or "learned"
 
     def overrides(self) -> list[str]:
+        from arelbo.objectives import POLICIES
+
         # options start empty: a policy's options never carry over from the base config's policy
-        return [f"objective.policy={json.dumps(self.policy)}",
-                f"objective.options={json.dumps(self.objective.get('options', {}))}"]
+        out = [f"objective.policy={json.dumps(self.policy)}",
+               f"objective.options={json.dumps(self.objective.get('options', {}))}"]
+        if getattr(POLICIES.get(self.policy), "needs_x_logvar", False):  # sigma2(z): the decoder's variance head
+            out.append("model.variance_head=true")
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +84,10 @@ GRAMMAR: dict[str, dict[str, Any]] = {
     "learned": dict(what="initial value", form="learned[:S0|mle][,lr=X]", flags={"mle": {"init_mle": True}},
                     keys={"lr": "log_sigma2_lr"}, label_words={"mle": "MLE init"}, label_format="init {}"),
     "ar-ema": dict(label_format="AR-ELBO EMA m={}", form="ar-ema[:M] (0 <= M < 1)"),
+    "learned-conditional": dict(what="initial value", form="learned-conditional[:S0][,lr=X]",
+                                keys={"lr": "log_sigma2_lr"}, label_format="learned σ²(z) init {}"),
+    "ar-conditional": dict(what="the variance head's learning rate", form="ar-conditional[:LR]",
+                           label_format="AR-ELBO conditional (head lr {})"),
     "ar-annealed": dict(what="the annealing steps", label_format="AR-ELBO annealed over {} steps",
                         form="ar-annealed[:N] (N >= 1 steps)"),
 }
