@@ -350,3 +350,53 @@ def test_compare_accepts_the_conditional_policies_and_gives_them_a_variance_head
     learned = by_name["learned-conditional-0.05-lr0.01-s0"].config
     assert learned.model.variance_head and learned.objective.options == {"init_sigma2": 0.05, "log_sigma2_lr": 0.01}
     assert by_name["ar-conditional-s0"].config.model.variance_head
+
+
+def test_reconstruct_variance_draws_the_sigma2_maps_on_a_log_scale(tmp_path, capsys):
+    """`arelbo reconstruct --variance [--diagonal RUN]`: data, reconstructions and the sigma2(z) maps. A head set to
+    sigma2 = 1e-3 on the left half of every image and 1e-1 on the right must draw tiles black on the left and white
+    on the right (the two ends of the log scale), beside an ar-diagonal run's map."""
+    from arelbo import cli
+    from arelbo.config import load_config
+    from arelbo.grids import variance_grid
+    from arelbo.runs import checkpoint_path, load_checkpoint, save_checkpoint
+    from arelbo.train import fit
+
+    pytest.importorskip("lightning")
+    images = (np.random.default_rng(2).integers(1, 255, (150, 28, 28))).astype(np.uint8)
+    np.savez(tmp_path / "tiny.npz", train=images[:100], val=images[100:120], test=images[120:])
+    runs = {}
+    for policy in ("ar-conditional", "ar-diagonal"):
+        cfg = load_config("mnist-mlp", overrides=[
+            "data.name=npz", f"data.root={tmp_path / 'tiny.npz'}", "data.options={}", "data.batch_size=50",
+            "model.latent_dim=2", "model.hidden=[8]", "train.epochs=1", "train.n_samples=0",
+            f"objective.policy={policy}", f"model.variance_head={policy == 'ar-conditional'}"])
+        runs[policy] = fit(cfg, tmp_path / policy, progress=False)
+    run = runs["ar-conditional"]
+    pattern = torch.full((28, 28), math.log(1e-3))
+    pattern[:, 14:] = math.log(1e-1)
+    for which in ("best", "last"):
+        path = checkpoint_path(run, which)
+        ckpt = load_checkpoint(path)
+        state = dict(ckpt["model"])
+        state["decoder.variance_head.layer.weight"] = torch.zeros_like(state["decoder.variance_head.layer.weight"])
+        state["decoder.variance_head.layer.bias"] = pattern.flatten()
+        save_checkpoint(path, {**ckpt, "model": state})
+    grid = variance_grid(run, n=2, nrow=2)[:, :, 0]
+    x0 = 14  # every block starts at the canvas margin (12) plus the grid's padding (2)
+    rows = [y for y in range(grid.shape[0] - 28)
+            if (grid[y : y + 28, x0 : x0 + 14] == 0).all() and (grid[y : y + 28, x0 + 14 : x0 + 28] == 255).all()]
+    assert len(rows) == 1, "one row of sigma2(z) tiles: black (1e-3) on the left, white (1e-1) on the right"
+
+    assert cli.main(["reconstruct", str(run), "--variance", "--diagonal", str(runs["ar-diagonal"]), "--n", "4"]) == 0
+    out = run / "variance-test.png"
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(out).size[1] > Image.fromarray(grid).size[1]  # one block more: the diagonal run's map
+    with pytest.raises(ValueError, match="decoder outputs no variance"):
+        variance_grid(runs["ar-diagonal"], n=2)
+    with pytest.raises(ValueError, match="has no per-pixel sigma2"):
+        variance_grid(run, n=2, diagonal_run=run)
+    assert cli.main(["reconstruct", str(run), "--diagonal", str(runs["ar-diagonal"])]) != 0
+    assert "give --variance too" in capsys.readouterr().err

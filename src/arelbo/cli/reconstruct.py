@@ -1,4 +1,5 @@
-"""``arelbo reconstruct``: data from a split above their reconstructions f(mu(x)), as one PNG."""
+"""``arelbo reconstruct``: data from a split above their reconstructions f(mu(x)), as one PNG; ``--variance``: and
+their sigma2(z) maps (a decoder with a variance head), ``--diagonal RUN``: beside an ar-diagonal run's map."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="data split (default: test)")
     parser.add_argument("--nrow", type=int, default=8, help="images per row (default: 8)")
     parser.add_argument("--checkpoint", default="best", help="best (default), last, or a file in checkpoints/")
-    parser.add_argument("--out", metavar="FILE.png", help="output file (default: RUN_DIR/reconstructions-SPLIT.png)")
+    parser.add_argument("--out", metavar="FILE.png", help="output file (default: RUN_DIR/reconstructions-SPLIT.png, "
+                        "with --variance RUN_DIR/variance-SPLIT.png)")
+    parser.add_argument("--variance", action="store_true", help="add the sigma2(z) maps of a run whose decoder "
+                        "outputs its variance (model.variance_head: ar-conditional, learned-conditional), log scale")
+    parser.add_argument("--diagonal", metavar="RUN", help="with --variance: add this run's per-pixel sigma2 (an "
+                        "ar-diagonal run on the same data), on the same scale")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,9 +34,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     if args.nrow < 1:
         raise ValueError(f"--nrow must be >= 1 (images per row), got {args.nrow}")
+    if args.diagonal and not args.variance:
+        raise ValueError("--diagonal RUN adds a map to the sigma2(z) figure: give --variance too")
     splits, n = _splits_with(args.run_dir, args.checkpoint, args.split, args.n)
-    grid = reconstruction_grid(args.run_dir, n, args.split, args.nrow, args.checkpoint, splits=splits)
-    out = Path(args.out) if args.out else Path(args.run_dir) / f"reconstructions-{args.split}.png"
+    if args.variance:
+        from arelbo.grids import variance_grid
+
+        grid = variance_grid(args.run_dir, n, args.split, args.nrow, args.checkpoint, splits=splits,
+                             diagonal_run=args.diagonal)
+    else:
+        grid = reconstruction_grid(args.run_dir, n, args.split, args.nrow, args.checkpoint, splits=splits)
+    stem = "variance" if args.variance else "reconstructions"
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"{stem}-{args.split}.png"
     save_png(grid, out)
     print(f"wrote {out}")
     return 0
