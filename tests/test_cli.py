@@ -113,7 +113,7 @@ def test_train_errors_are_one_line(tmp_path, image_config, capsys):
     assert "train.epochs must be int, got 'ten'" in capsys.readouterr().err
 
     assert arelbo("train", "--preset", "mnist-conv", "--set", "objective.policy=arelbo") == 2
-    assert "known: ar, ar-annealed, ar-diagonal, ar-ema" in capsys.readouterr().err
+    assert "known: ar, ar-annealed, ar-conditional, ar-diagonal, ar-ema" in capsys.readouterr().err
 
     assert arelbo("train", "--resume", tmp_path / "missing") == 2
     assert "does not exist" in capsys.readouterr().err
