@@ -192,8 +192,6 @@ def test_a_model_without_a_variance_head_is_a_clear_error():
             GaussianVAELoss(policy).attach(mlp(head=False))
         with pytest.raises(ConfigError, match=r"needs the decoder's log-variance: set model.variance_head: true"):
             RunConfig.from_dict({"objective": {"policy": policy}})
-    with pytest.raises(ConfigError, match="'hvae' decoder has no variance head"):
-        RunConfig.from_dict({"model": {"arch": "hvae", "variance_head": True}})
     with pytest.raises(ConfigError, match="'linear' decoder has no variance head"):
         RunConfig.from_dict({"model": {"arch": "linear", "variance_head": True}})
 
@@ -400,3 +398,22 @@ def test_reconstruct_variance_draws_the_sigma2_maps_on_a_log_scale(tmp_path, cap
         variance_grid(run, n=2, diagonal_run=run)
     assert cli.main(["reconstruct", str(run), "--diagonal", str(runs["ar-diagonal"])]) != 0
     assert "give --variance too" in capsys.readouterr().err
+
+
+def test_the_hierarchy_has_a_variance_head_too():
+    """hvae with ``model.variance_head``: sigma2(z) per element off the last top-down state, in the output and at
+    every importance-sampling draw (a constant head: the IS-NLL equals the isotropic one on the same draws)."""
+    cfg = ModelConfig(arch="hvae", latent_dim=4, layout="4:2,8:2", width=8, variance_head=True)
+    torch.manual_seed(0)
+    model = build_model(cfg, SHAPE).double()
+    x = batch()
+    out = model(x)
+    assert out.x_logvar.shape == x.shape and len(out.groups) == 3
+    loss = GaussianVAELoss("ar-conditional").attach(model)(x, out)
+    torch.testing.assert_close(loss.sigma2, torch.ones(6, D, dtype=torch.float64))  # the head starts at sigma2 = 1
+    with torch.no_grad():
+        model.variance_head.layer.bias.fill_(math.log(0.07))
+    own = importance_sampled_nll(model, x, OwnVariance(1e-6), k=5, generator=torch.Generator().manual_seed(0))
+    iso = importance_sampled_nll(model, x, 0.07, k=5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(own, iso, rtol=1e-12, atol=1e-10)
+

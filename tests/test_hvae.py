@@ -185,11 +185,10 @@ def test_sampling_is_reproducible_under_a_generator_whatever_the_batch_size():
 # ---- training: every policy, resume, DDP, bf16, priors, stabilisers ---------------------------------------------
 
 
-# the conditional policies need a decoder variance head, which the hierarchy has not (a ConfigError, tested in
-# tests/test_conditional_variance.py)
-@pytest.mark.parametrize("policy", sorted(p for p, cls in POLICIES.items() if not cls.needs_x_logvar))
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_every_policy_trains_the_hierarchy(tmp_path, data_file, policy):
-    run = fit_tiny(tmp_path, data_file, "train.epochs=1", policy=policy)
+    head = ["model.variance_head=true"] if POLICIES[policy].needs_x_logvar else []  # sigma2(z): the variance head
+    run = fit_tiny(tmp_path, data_file, "train.epochs=1", *head, policy=policy)
     val = records(run, "val")[-1]
     assert math.isfinite(val["neg_elbo"]) and val["n"] == 40
     assert list(val["kl_per_group"]) == ["z1", "z2", "z3"] and len(val["kl_per_dim"]) == 3 + 32 + 64

@@ -76,7 +76,7 @@ class ModelConfig(Section):
     layout: str = "7:8,14:4"  # hvae only: the groups below the top one, RES:CHANNELS top to bottom (arelbo.models.hvae)
     width: int = 32  # hvae only: channels of the residual stream
     blocks: int = 1  # hvae only: residual blocks per group and per encoder resolution
-    variance_head: bool = False  # conv/mlp: the decoder also outputs log sigma^2(z) per element (ar-/learned-conditional)
+    variance_head: bool = False  # conv/mlp/hvae: the decoder also outputs log sigma^2(z) per element (*-conditional)
 
     def validate(self) -> None:
         from arelbo.models import ARCHITECTURES
@@ -101,7 +101,7 @@ class ModelConfig(Section):
 
         if self.variance_head and self.arch not in VARIANCE_HEAD_ARCHITECTURES:
             raise ConfigError(f"model.variance_head: the {self.arch!r} decoder has no variance head; use model.arch "
-                              f"{' or '.join(VARIANCE_HEAD_ARCHITECTURES)}")
+                              f"{', '.join(VARIANCE_HEAD_ARCHITECTURES)}")
         if self.arch == "hvae":
             from arelbo.models.hvae import parse_layout
 

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arelbo.models.nets import output_activation
+from arelbo.models.nets import VarianceHead, output_activation
 from arelbo.models.outputs import (
     LOG_2PI,
     LatentGroup,
@@ -203,12 +203,20 @@ class GroupBlock(nn.Module):
         return self.blocks(h + feature + self.z_proj(z))
 
 
+class _Pass(NamedTuple):
+    """One top-down pass: the decoder mean, each group's record, and the variance head's log sigma2 (or None)."""
+
+    x_hat: Tensor
+    groups: list
+    x_logvar: Tensor | None
+
+
 class HierarchicalVAE(nn.Module):
     """The top-down hierarchical VAE of this module's docstring. Keeps the interface of every model of
     :mod:`arelbo.models` (forward -> :class:`ModelOutput`, ``encode`` -> the top group's :class:`Posterior`)."""
 
     def __init__(self, shape: Sequence[int], latent_dim: int, layout: str, width: int = 32, blocks: int = 1,
-                 out_activation: str = "sigmoid", prior: Prior | None = None):
+                 out_activation: str = "sigmoid", prior: Prior | None = None, variance_head: bool = False):
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 3 or self.shape[1] != self.shape[2]:
@@ -229,6 +237,8 @@ class HierarchicalVAE(nn.Module):
         patch = size // self.top_resolution
         self.out_conv = nn.ConvTranspose2d(width, channels, patch, stride=patch)
         self.out_act = output_activation(out_activation)
+        # log sigma2(z) per element off the last state h, a twin of out_conv (model.variance_head)
+        self.variance_head = VarianceHead(self.out_conv) if variance_head else None
         self.prior = prior if prior is not None else StandardPrior(self.latent_dim, self.shape)
         if self.prior.latent_dim != self.latent_dim:
             raise ValueError(f"prior has latent_dim {self.prior.latent_dim}, the top group {self.latent_dim}")
@@ -277,11 +287,12 @@ class HierarchicalVAE(nn.Module):
         its posterior mean (``sample=False``, each group given the groups above at theirs)."""
         self._check(x)
         acts = self.encoder.features(x)
-        x_hat, groups = self._top_down(acts, x.shape[0], mode="posterior" if sample else "mean", noise=noise)
+        down = self._top_down(acts, x.shape[0], mode="posterior" if sample else "mean", noise=noise)
+        groups = down.groups
         rate = groups[0].rate
         for g in groups[1:]:
             rate = rate + g.rate
-        return ModelOutput(x_hat, rate, tuple(groups))
+        return ModelOutput(down.x_hat, rate, tuple(groups), down.x_logvar)
 
     def decode(self, z: Tensor) -> Tensor:
         """The decoder mean from a top-group code, every group below at its prior mean (deterministic)."""
@@ -290,9 +301,8 @@ class HierarchicalVAE(nn.Module):
     def decode_code(self, code: Tensor, noise: Noise | None = None, temperature: float = 1.0) -> Tensor:
         """The decoder mean from a sampler's top-group code (B, code_dim), the groups below drawn from their priors
         with ``noise``, standard deviations scaled by ``temperature``."""
-        x_hat, _ = self._top_down(None, code.shape[0], mode="prior", noise=noise, top=code,
-                                  temperature=temperature)
-        return x_hat
+        return self._top_down(None, code.shape[0], mode="prior", noise=noise, top=code,
+                              temperature=temperature).x_hat
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> Tensor:
@@ -313,23 +323,32 @@ class HierarchicalVAE(nn.Module):
         return self.prior.log_prob(z, self.encoder)
 
     def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None,
-                    max_rows: int = 2048) -> tuple[Tensor, Tensor]:
+                    max_rows: int = 2048, variance: bool = False):
         """k posterior samples of every group per example: decoder means (k, B, *x's shape) and
         sum_l [log p(z_l | z_<l) - log q(z_l | z_<l, x)] in float64, (k, B). Rows go through the network
-        ``max_rows`` at a time."""
+        ``max_rows`` at a time. ``variance=True`` (a variance head): the named
+        :class:`~arelbo.models.vae.WeightedDraws`, with the head's log sigma2 at each draw."""
+        from arelbo.models.vae import WeightedDraws
+
+        if variance and self.variance_head is None:
+            raise ValueError("this model's decoder has no variance head (set model.variance_head: true)")
         self._check(x)
         b = x.shape[0]
         acts = self.encoder.features(x)
         noise = generator_noise(generator)
         per = max(1, max_rows // max(1, b))
-        x_hats, weights = [], []
+        x_hats, weights, logvars = [], [], []
         for start in range(0, k, per):
             kc = min(per, k - start)
             rep = {r: a.repeat(kc, *([1] * (a.dim() - 1))) for r, a in acts.items()}
-            x_hat, groups = self._top_down(rep, kc * b, mode="posterior", noise=noise, log_density=True)
-            w = sum(g.rate for g in groups)  # here each group's rate slot holds log p - log q (see _top_down)
-            x_hats.append(x_hat.reshape(kc, *x.shape))
+            down = self._top_down(rep, kc * b, mode="posterior", noise=noise, log_density=True)
+            w = sum(g.rate for g in down.groups)  # here each group's rate slot holds log p - log q (see _top_down)
+            x_hats.append(down.x_hat.reshape(kc, *x.shape))
             weights.append(w.reshape(kc, b))
+            if variance:
+                logvars.append(down.x_logvar.reshape(kc, *x.shape))
+        if variance:
+            return WeightedDraws(torch.cat(x_hats), torch.cat(weights), torch.cat(logvars))
         return torch.cat(x_hats), torch.cat(weights)
 
     def rate(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor | None:
@@ -347,12 +366,11 @@ class HierarchicalVAE(nn.Module):
         for g in self.groups:
             codes.append(units[:, start : start + g.num_units].reshape(units.shape[0], *g.shape))
             start += g.num_units
-        x_hat, _ = self._top_down(None, units.shape[0], mode="given", given=codes)
-        return x_hat
+        return self._top_down(None, units.shape[0], mode="given", given=codes).x_hat
 
     def _top_down(self, acts, b: int, mode: str, noise: Noise | None = None, top: Tensor | None = None,
                   temperature: float = 1.0, given: list[Tensor] | None = None,
-                  log_density: bool = False) -> tuple[Tensor, list[LatentGroup]]:
+                  log_density: bool = False) -> _Pass:
         """The top-down pass. ``mode``: "posterior" (sample q), "mean" (q's means), "prior" (sample p, the top
         group from ``top``), "given" (every group's code given). With ``log_density``, each group's rate slot holds
         log p(z_l | z_<l) - log q(z_l | z_<l, x) at the sampled z_l (float64) instead of the KL."""
@@ -401,7 +419,7 @@ class HierarchicalVAE(nn.Module):
         if h.shape[-1] != self.top_resolution:
             h = F.interpolate(h, scale_factor=self.top_resolution // h.shape[-1], mode="nearest")
         x_hat = self.out_act(self.out_conv(h))
-        return x_hat, out
+        return _Pass(x_hat, out, None if self.variance_head is None else self.variance_head(h))
 
     def extra_repr(self) -> str:
         return f"layout={self.layout!r}, width={self.width}, blocks={self.num_blocks}"

@@ -226,11 +226,11 @@ def _hvae(cfg, shape) -> nn.Module:
     from arelbo.models.hvae import HierarchicalVAE
 
     return HierarchicalVAE(shape, cfg.latent_dim, cfg.layout, cfg.width, cfg.blocks, cfg.out_activation,
-                           prior=_prior(cfg, shape))
+                           prior=_prior(cfg, shape), variance_head=getattr(cfg, "variance_head", False))
 
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"conv": _conv, "mlp": _mlp, "linear": _linear, "hvae": _hvae}
-VARIANCE_HEAD_ARCHITECTURES = ("conv", "mlp")  # decoders with a log-variance head (model.variance_head: true)
+VARIANCE_HEAD_ARCHITECTURES = ("conv", "mlp", "hvae")  # decoders with a log-variance head (model.variance_head: true)
 
 
 def build_model(cfg, shape: Sequence[int]) -> nn.Module:
@@ -242,5 +242,5 @@ def build_model(cfg, shape: Sequence[int]) -> nn.Module:
         raise ValueError(f"data shape must be (C, H, W) with positive sizes, got {tuple(shape)}")
     if getattr(cfg, "variance_head", False) and cfg.arch not in VARIANCE_HEAD_ARCHITECTURES:
         raise ValueError(f"model.variance_head: the {cfg.arch!r} decoder has no variance head; use arch "
-                         f"{' or '.join(VARIANCE_HEAD_ARCHITECTURES)}")
+                         f"{', '.join(VARIANCE_HEAD_ARCHITECTURES)}")
     return ARCHITECTURES[cfg.arch](cfg, tuple(shape))

@@ -25,7 +25,7 @@ def _heads(model) -> list:
     head = getattr(model, "variance_head", None)
     if head is None:
         raise ValueError("this policy needs a decoder that outputs its log-variance: build the model with "
-                         "model.variance_head: true (--set model.variance_head=true; conv or mlp)")
+                         "model.variance_head: true (--set model.variance_head=true; conv, mlp or hvae)")
     return [head]
 
 

@@ -185,7 +185,7 @@ class GaussianVAELoss(nn.Module):
         if self.policy.needs_x_logvar:  # sigma2(z): the decoder's own output
             if x_logvar is None:
                 raise ValueError(f"policy {self.policy.name!r} needs the decoder's log-variance, and the model gives "
-                                 "none: set model.variance_head: true (conv or mlp)")
+                                 "none: set model.variance_head: true (conv, mlp or hvae)")
             check_float(x_logvar=x_logvar)
             sigma2 = self.policy.sigma2(sq_err, upcast(x_logvar))
         else:
