@@ -192,6 +192,8 @@ def test_a_model_without_a_variance_head_is_a_clear_error():
             GaussianVAELoss(policy).attach(mlp(head=False))
         with pytest.raises(ConfigError, match=r"needs the decoder's log-variance: set model.variance_head: true"):
             RunConfig.from_dict({"objective": {"policy": policy}})
+    with pytest.raises(ConfigError, match="policy 'ar' does not read the decoder's log-variance.*ar-conditional"):
+        RunConfig.from_dict({"model": {"variance_head": True}})
     with pytest.raises(ConfigError, match="'linear' decoder has no variance head"):
         RunConfig.from_dict({"model": {"arch": "linear", "variance_head": True}})
 

@@ -316,9 +316,15 @@ class RunConfig:
         if self.data.batch_size < need:  # caught here, not at the first training step
             raise ConfigError(f"data.batch_size={self.data.batch_size}: objective.policy {self.objective.policy!r} "
                               f"estimates sigma2 from at least {need} samples per batch; use a larger batch")
-        if getattr(POLICIES.get(self.objective.policy), "needs_x_logvar", False) and not self.model.variance_head:
+        reads_head = getattr(POLICIES.get(self.objective.policy), "needs_x_logvar", False)
+        if reads_head and not self.model.variance_head:
             raise ConfigError(f"objective.policy {self.objective.policy!r} needs the decoder's log-variance: set "
                               f"model.variance_head: true (--set model.variance_head=true)")
+        if self.model.variance_head and not reads_head:  # an untrained head (and unused parameters under DDP)
+            readers = ", ".join(n for n, c in POLICIES.items() if getattr(c, "needs_x_logvar", False))
+            raise ConfigError(f"model.variance_head: objective.policy {self.objective.policy!r} does not read the "
+                              f"decoder's log-variance, its head would stay untrained; use {readers}, or set "
+                              f"model.variance_head=false")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-able, weights_only-safe); ``from_dict(to_dict(c)) == c``."""
