@@ -13,8 +13,7 @@ import torch
 from torch.distributions import Normal
 
 from arelbo.config import ConfigError, ModelConfig, RunConfig
-from arelbo.metrics import ELBOAccumulator, importance_sampled_nll
-from arelbo.metrics.likelihood import OwnVariance
+from arelbo.metrics import ELBOAccumulator, OwnVariance, importance_sampled_nll
 from arelbo.models import build_model
 from arelbo.objectives import POLICIES, GaussianVAELoss, make_policy
 
