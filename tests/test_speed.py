@@ -95,7 +95,7 @@ def test_loss_and_sigma2_statistics_are_float32_under_bf16_autocast(policy):
     from arelbo.models import build_model
 
     conditional = POLICIES[policy].needs_x_logvar  # sigma2(z) from the decoder's variance head
-    cfg = tiny_conv(*(["model.variance_head=true"] if conditional else []))
+    cfg = tiny_conv(*([f"objective.policy={policy}", "model.variance_head=true"] if conditional else []))
     torch.manual_seed(0)
     model = build_model(cfg.model, (3, 8, 8))
     loss_fn = GaussianVAELoss(policy, check_finite=False)
